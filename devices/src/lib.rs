@@ -1,0 +1,16 @@
+//! Skiff's device models and the buses that dispatch guest I/O to them.
+//!
+//! All devices live behind the VMM's single big lock, so they are plain
+//! `&mut self` objects without any interior locking:
+//!
+//! * [`bus`]: the PIO/MMIO address-range dispatcher.
+//! * [`power`]: how a device asks the VMM for a machine-level action
+//!   (reset, power-off, test exit).
+//! * [`legacy`]: the PC legacy devices (serial, i8042, CMOS/RTC, port 0x80,
+//!   Skiff's test exit device).
+
+#![deny(missing_docs)]
+
+pub mod bus;
+pub mod legacy;
+pub mod power;

@@ -1,0 +1,7 @@
+//! x86_64 specifics: the memory map, CPUID, boot registers and tables.
+
+pub mod boot_params;
+pub mod cpuid;
+pub mod layout;
+pub mod mptable;
+pub mod regs;

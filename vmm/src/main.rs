@@ -1,0 +1,106 @@
+//! The `skiff` command: parses the command line, builds the VM and runs it.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+use skiff::config::{self, QmpAddress, SerialConfig, VmConfig, DEFAULT_CMDLINE};
+use skiff::Vmm;
+
+/// A minimal KVM virtual machine monitor for x86_64 Linux guests, with QMP built in.
+#[derive(Parser, Debug)]
+#[command(name = "skiff", version, about)]
+struct Cli {
+    /// Kernel image: ELF vmlinux (PVH or 64-bit entry) or bzImage.
+    #[arg(long, value_name = "PATH")]
+    kernel: PathBuf,
+    /// Initramfs to load.
+    #[arg(long, value_name = "PATH")]
+    initrd: Option<PathBuf>,
+    /// Kernel command line.
+    #[arg(long, value_name = "STR", default_value = DEFAULT_CMDLINE)]
+    cmdline: String,
+    /// Guest RAM: a number with an optional K, M, G or T suffix (MiB without one).
+    #[arg(long, value_name = "SIZE", default_value = "256M", value_parser = config::parse_memory)]
+    memory: u64,
+    /// Number of vCPUs (1 to 32).
+    #[arg(long, value_name = "N", default_value = "1", value_parser = config::parse_cpus)]
+    cpus: u8,
+    /// COM1 back-end: stdio, file:PATH, unix:PATH (listening socket) or none.
+    #[arg(long, value_name = "BACKEND", default_value = "stdio")]
+    serial: SerialConfig,
+    /// A QMP monitor: unix:PATH or tcp:HOST:PORT. Repeatable.
+    #[arg(long, value_name = "ADDRESS")]
+    qmp: Vec<QmpAddress>,
+    /// Start paused (QMP run state prelaunch); `cont` starts the vCPUs.
+    #[arg(short = 'S', long)]
+    paused: bool,
+    /// Exit (status 0) instead of re-booting when the guest resets.
+    #[arg(long)]
+    no_reboot: bool,
+    /// The VM's name, as QMP query-name reports it.
+    #[arg(long, value_name = "NAME")]
+    name: Option<String>,
+}
+
+/// Writes log records to stderr, one line each: `skiff: LEVEL: message`. The level comes from
+/// `SKIFF_LOG` (error, warn, info, debug, trace; default warn).
+struct StderrLogger;
+
+impl log::Log for StderrLogger {
+    fn enabled(&self, metadata: &log::Metadata) -> bool {
+        metadata.level() <= log::max_level()
+    }
+
+    fn log(&self, record: &log::Record) {
+        if self.enabled(record.metadata()) {
+            let line = format!(
+                "skiff: {}: {}\n",
+                record.level().as_str().to_lowercase(),
+                record.args()
+            );
+            // Best effort: stderr being gone is no reason to stop the VM.
+            let _ = std::io::stderr().write_all(line.as_bytes());
+        }
+    }
+
+    fn flush(&self) {}
+}
+
+static LOGGER: StderrLogger = StderrLogger;
+
+fn init_logging() {
+    let level = std::env::var("SKIFF_LOG")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(log::LevelFilter::Warn);
+    if log::set_logger(&LOGGER).is_ok() {
+        log::set_max_level(level);
+    }
+}
+
+fn main() -> ExitCode {
+    init_logging();
+    let cli = Cli::parse();
+    let config = VmConfig {
+        kernel: cli.kernel,
+        initrd: cli.initrd,
+        cmdline: cli.cmdline,
+        memory_bytes: cli.memory,
+        cpus: cli.cpus,
+        serial: cli.serial,
+        qmp: cli.qmp,
+        start_paused: cli.paused,
+        no_reboot: cli.no_reboot,
+        name: cli.name,
+    };
+    let result = Vmm::new(config).and_then(Vmm::run);
+    match result {
+        Ok(code) => ExitCode::from(u8::try_from(code).unwrap_or(1)),
+        Err(e) => {
+            eprintln!("skiff: error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
