@@ -18,10 +18,9 @@
 
 #![warn(missing_docs)]
 
-mod command_set;
 pub mod visit;
 
-pub use command_set::{CommandMeta, CommandSet};
+pub use qmp::{CommandMeta, CommandSet};
 
 include!(concat!(env!("OUT_DIR"), "/qapi_generated.rs"));
 

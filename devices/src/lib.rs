@@ -11,6 +11,7 @@
 
 #![deny(missing_docs)]
 
+pub mod acpi;
 pub mod bus;
 pub mod legacy;
 pub mod power;

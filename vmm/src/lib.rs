@@ -11,6 +11,8 @@ pub mod kvm_vm;
 pub mod loader;
 pub mod machine;
 pub mod memory;
+pub mod migration;
+pub mod monitor;
 pub mod runstate;
 pub mod serial_backend;
 pub mod vcpu;

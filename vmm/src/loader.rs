@@ -15,8 +15,8 @@ use crate::arch::boot_params::{self, InitrdPlacement};
 use crate::arch::layout::{
     ram_regions, CMDLINE_MAX_SIZE, CMDLINE_START, HIMEM_START, MMIO_GAP_START,
 };
-use crate::arch::mptable;
 use crate::arch::regs::{self, BootProtocol};
+use crate::arch::{acpi, mptable};
 
 const ELF_MAGIC: &[u8; 4] = b"\x7fELF";
 /// Offset of the 64-bit entry point (startup_64) in a bzImage's protected-mode kernel.
@@ -74,6 +74,9 @@ pub enum LoaderError {
     /// Writing the MP table failed.
     #[error(transparent)]
     Mptable(#[from] mptable::MptableError),
+    /// Writing the ACPI tables failed.
+    #[error(transparent)]
+    Acpi(#[from] acpi::AcpiError),
     /// Writing the zero page or PVH start info failed.
     #[error(transparent)]
     BootParams(#[from] boot_params::BootParamsError),
@@ -230,6 +233,7 @@ pub fn load_guest(mem: &GuestMemoryMmap, image: &GuestImage) -> Result<BootEntry
     regs::write_descriptor_tables(mem, kernel.entry.protocol)?;
     regs::write_page_tables(mem)?;
     mptable::setup_mptable(mem, image.num_cpus)?;
+    let rsdp = acpi::create_acpi_tables(mem, image.num_cpus)?;
     match kernel.entry.protocol {
         BootProtocol::Linux64 => boot_params::write_zero_page(
             mem,
@@ -237,9 +241,11 @@ pub fn load_guest(mem: &GuestMemoryMmap, image: &GuestImage) -> Result<BootEntry
             kernel.header,
             cmdline_size,
             initrd,
-            None,
+            Some(rsdp),
         )?,
-        BootProtocol::Pvh => boot_params::write_pvh_start_info(mem, image.mem_size, initrd, None)?,
+        BootProtocol::Pvh => {
+            boot_params::write_pvh_start_info(mem, image.mem_size, initrd, Some(rsdp))?
+        }
     }
     Ok(kernel.entry)
 }

@@ -2,15 +2,19 @@
 //! state and the vCPUs' run requests. Like QEMU's BQL, vCPU threads run KVM_RUN without it and
 //! take it only to emulate an exit; the event loop takes it to serve device back-ends.
 
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::Arc;
 use std::time::Duration;
 
+use devices::acpi::{AcpiPmDevice, GedDevice, ACPI_GED_GSI, ACPI_PM_PORT_LEN};
 use devices::bus::{Bus, BusError, DeviceId};
 use devices::legacy::cmos::{CMOS_PORT_BASE, CMOS_PORT_LEN};
 use devices::legacy::exit::{EXIT_DEVICE_PORT, EXIT_DEVICE_PORT_LEN};
 use devices::legacy::i8042::{I8042_PORT_BASE, I8042_PORT_LEN};
 use devices::legacy::port80::{PORT80_PORT_BASE, PORT80_PORT_LEN};
 use devices::legacy::serial::{COM1_PORT_BASE, COM1_PORT_LEN};
+
+use crate::arch::layout::{ACPI_GED_SIZE, ACPI_GED_START, ACPI_PM_PORT};
+use devices::legacy::serial::COM1_GSI;
 use devices::legacy::{
     CmosDevice, ExitDevice, I8042Device, Port80Device, SerialDevice, SerialOutput,
 };
@@ -19,6 +23,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::runstate::RunState;
 use crate::vcpu::VcpuSlot;
+use crate::vm::VmAction;
 
 /// Errors while building the device model.
 #[derive(Debug, thiserror::Error)]
@@ -41,19 +46,25 @@ pub struct Machine {
     pub serial: DeviceId<SerialDevice>,
     /// The PS/2 controller (reset line).
     pub i8042: DeviceId<I8042Device>,
+    /// The ACPI Generic Event Device (power button).
+    pub ged: DeviceId<GedDevice>,
+    /// The ACPI sleep and reset registers.
+    pub acpi_pm: DeviceId<AcpiPmDevice>,
     /// The VM's run state.
     pub run_state: RunState,
     /// One slot per vCPU: what it was asked to do and what it is doing.
     pub vcpus: Vec<VcpuSlot>,
     /// Set when the VMM should end, with the process exit status.
     pub exit_code: Option<i32>,
+    /// Whole-VM actions waiting for the event loop.
+    pub actions: Vec<VmAction>,
     /// Set by a vCPU that hit a KVM internal error, until the event loop handles it.
     pub internal_error: bool,
 }
 
 impl Machine {
-    /// Builds the legacy device model. Returns the machine and the eventfd that raises COM1's
-    /// interrupt (to register as an irqfd).
+    /// Builds the device model. Returns the machine and its interrupt lines: an eventfd per
+    /// GSI, to register as irqfds.
     pub fn new(
         power: &Arc<PowerControl>,
         serial_output: SerialOutput,
@@ -61,9 +72,16 @@ impl Machine {
         mem_above_4g: u64,
         num_vcpus: usize,
         start_paused: bool,
-    ) -> Result<(Self, EventFd), MachineError> {
-        let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(MachineError::EventFd)?;
-        let serial_irq_for_device = serial_irq.try_clone().map_err(MachineError::EventFd)?;
+    ) -> Result<(Self, Vec<(EventFd, u32)>), MachineError> {
+        // One eventfd per interrupt line: the VMM registers one end as an irqfd, the device
+        // signals the other.
+        let line = || -> Result<(EventFd, EventFd), MachineError> {
+            let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(MachineError::EventFd)?;
+            let for_device = irq.try_clone().map_err(MachineError::EventFd)?;
+            Ok((irq, for_device))
+        };
+        let (serial_irq, serial_irq_for_device) = line()?;
+        let (ged_irq, ged_irq_for_device) = line()?;
         let serial = SerialDevice::new(serial_irq_for_device, serial_output)
             .map_err(MachineError::EventFd)?;
 
@@ -89,7 +107,17 @@ impl Machine {
             u64::from(EXIT_DEVICE_PORT),
             EXIT_DEVICE_PORT_LEN,
         )?;
-        let mmio = Bus::new("mmio");
+        let acpi_pm = pio.insert(
+            AcpiPmDevice::new(power.clone()),
+            u64::from(ACPI_PM_PORT),
+            ACPI_PM_PORT_LEN,
+        )?;
+        let mut mmio = Bus::new("mmio");
+        let ged = mmio.insert(
+            GedDevice::new(ged_irq_for_device),
+            ACPI_GED_START,
+            ACPI_GED_SIZE,
+        )?;
 
         let run_state = if start_paused {
             RunState::Prelaunch
@@ -105,18 +133,30 @@ impl Machine {
                 mmio,
                 serial,
                 i8042,
+                ged,
+                acpi_pm,
                 run_state,
                 vcpus,
                 exit_code: None,
+                actions: Vec::new(),
                 internal_error: false,
             },
-            serial_irq,
+            vec![(serial_irq, COM1_GSI), (ged_irq, ACPI_GED_GSI)],
         ))
     }
 
     /// COM1, for back-ends feeding input or attaching outputs.
     pub fn serial_mut(&mut self) -> Option<&mut SerialDevice> {
         self.pio.get_mut(self.serial)
+    }
+
+    /// Presses the ACPI power button: latches the event in the GED and raises its interrupt.
+    pub fn press_power_button(&mut self) {
+        if let Some(ged) = self.mmio.get_mut(self.ged) {
+            if let Err(e) = ged.notify_power_button() {
+                log::error!("cannot signal the power button: {e}");
+            }
+        }
     }
 
     /// Puts the devices that a guest reset affects back in their power-on state. CMOS RAM
@@ -128,47 +168,48 @@ impl Machine {
         if let Some(i8042) = self.pio.get_mut(self.i8042) {
             i8042.reset();
         }
+        if let Some(ged) = self.mmio.get_mut(self.ged) {
+            ged.reset();
+        }
+        if let Some(acpi_pm) = self.pio.get_mut(self.acpi_pm) {
+            acpi_pm.reset();
+        }
     }
 }
+
+/// The big lock held: access to the [`Machine`].
+pub type MachineGuard<'a> = parking_lot::MutexGuard<'a, Machine>;
 
 /// The big VMM lock: a mutex around the [`Machine`] plus the condition variable threads wait
 /// on for run-state changes (vCPUs parking, the event loop waiting for them), always with the
 /// lock released while waiting.
 pub struct BigLock {
-    machine: Mutex<Machine>,
-    changed: Condvar,
+    machine: parking_lot::Mutex<Machine>,
+    changed: parking_lot::Condvar,
 }
 
 impl BigLock {
     /// Wraps a machine.
     pub fn new(machine: Machine) -> Self {
         BigLock {
-            machine: Mutex::new(machine),
-            changed: Condvar::new(),
+            machine: parking_lot::Mutex::new(machine),
+            changed: parking_lot::Condvar::new(),
         }
     }
 
-    /// Takes the lock. A thread that panicked while holding it does not make the VM
-    /// unusable: the machine is still consistent between exits.
-    pub fn lock(&self) -> MutexGuard<'_, Machine> {
-        self.machine.lock().unwrap_or_else(|e| e.into_inner())
+    /// Takes the lock.
+    pub fn lock(&self) -> MachineGuard<'_> {
+        self.machine.lock()
     }
 
     /// Releases the lock until [`BigLock::notify_all`] or the timeout, then retakes it.
-    pub fn wait_timeout<'a>(
-        &self,
-        guard: MutexGuard<'a, Machine>,
-        timeout: Duration,
-    ) -> MutexGuard<'a, Machine> {
-        match self.changed.wait_timeout(guard, timeout) {
-            Ok((guard, _)) => guard,
-            Err(e) => e.into_inner().0,
-        }
+    pub fn wait_timeout(&self, guard: &mut MachineGuard<'_>, timeout: Duration) {
+        self.changed.wait_for(guard, timeout);
     }
 
     /// Releases the lock until [`BigLock::notify_all`], then retakes it.
-    pub fn wait<'a>(&self, guard: MutexGuard<'a, Machine>) -> MutexGuard<'a, Machine> {
-        self.changed.wait(guard).unwrap_or_else(|e| e.into_inner())
+    pub fn wait(&self, guard: &mut MachineGuard<'_>) {
+        self.changed.wait(guard);
     }
 
     /// Wakes every thread waiting on the lock's condition.

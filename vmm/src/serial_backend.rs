@@ -12,7 +12,8 @@ use event_manager::{EventOps, Events, MutEventSubscriber};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::vm::Vm;
+use crate::vm::{Vm, VmAction};
+use api::ShutdownCause;
 
 /// Ctrl-A: with a terminal on stdin, Ctrl-A then `x` ends the VMM (as in QEMU's stdio mux).
 const ESCAPE_BYTE: u8 = 0x01;
@@ -178,7 +179,15 @@ impl SerialBackend {
                 buf.truncate(n);
                 if self.filter_escape(&mut buf) {
                     log::info!("quit requested from the terminal (Ctrl-A x)");
-                    self.vm.request_exit(0);
+                    let mut machine = self.vm.lock();
+                    self.vm.request(
+                        &mut machine,
+                        VmAction::Shutdown {
+                            guest: false,
+                            reason: ShutdownCause::HostUi,
+                            code: 0,
+                        },
+                    );
                     return;
                 }
                 if let Some(serial) = self.vm.lock().serial_mut() {

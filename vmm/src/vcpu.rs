@@ -6,7 +6,7 @@
 use std::cell::Cell;
 use std::ptr;
 use std::sync::atomic::{fence, AtomicBool, Ordering};
-use std::sync::{Arc, MutexGuard, OnceLock};
+use std::sync::{Arc, OnceLock};
 
 use devices::power::PowerRequest;
 use kvm_bindings::{
@@ -122,6 +122,7 @@ impl VcpuSlot {
 pub struct VcpuKick {
     attention: AtomicBool,
     thread: OnceLock<libc::pthread_t>,
+    tid: OnceLock<i32>,
 }
 
 impl VcpuKick {
@@ -152,6 +153,11 @@ impl VcpuKick {
     /// Clears the attention flag; called by the vCPU under the big lock once it runs.
     pub fn clear_attention(&self) {
         self.attention.store(false, Ordering::Release);
+    }
+
+    /// The vCPU thread's kernel thread id, once it runs (QMP `query-cpus-fast`).
+    pub fn thread_id(&self) -> Option<i32> {
+        self.tid.get().copied()
     }
 
     /// Records the thread to signal.
@@ -385,6 +391,9 @@ enum Stop {
 /// The vCPU thread's body.
 pub fn run_vcpu(mut vcpu: Vcpu, vm: Arc<Vm>) {
     let index = usize::from(vcpu.index);
+    // SAFETY: gettid has no preconditions.
+    let tid = unsafe { libc::gettid() };
+    let _ = vm.kick(index).tid.set(tid);
     KVM_RUN.with(|run| run.set(vcpu.fd.get_kvm_run() as *mut kvm_run));
     loop {
         if vm.kick(index).needs_attention() {
@@ -457,13 +466,16 @@ pub fn run_vcpu(mut vcpu: Vcpu, vm: Arc<Vm>) {
 /// and tells the run loop whether to continue or end.
 fn service_requests(vcpu: &mut Vcpu, vm: &Vm) -> Flow {
     let index = usize::from(vcpu.index);
-    let mut machine: MutexGuard<'_, Machine> = vm.lock();
+    let mut machine = vm.lock();
     loop {
         let work = std::mem::take(&mut machine.vcpus[index].work);
-        for item in work {
-            if let Err(e) = item(vcpu) {
-                log::error!("{e}");
+        if !work.is_empty() {
+            for item in work {
+                if let Err(e) = item(vcpu) {
+                    log::error!("{e}");
+                }
             }
+            vm.big_lock().notify_all();
         }
         match machine.vcpus[index].request {
             VcpuRequest::Run => {
@@ -478,7 +490,7 @@ fn service_requests(vcpu: &mut Vcpu, vm: &Vm) -> Flow {
                     machine.vcpus[index].state = VcpuState::Paused;
                     vm.big_lock().notify_all();
                 }
-                machine = vm.big_lock().wait(machine);
+                vm.big_lock().wait(&mut machine);
             }
             VcpuRequest::Exit => {
                 machine.vcpus[index].state = VcpuState::Exited;

@@ -2,7 +2,9 @@
 //! memory, the KVM VM and the guest image; and the operations on all vCPUs at once (pause,
 //! resume, reset, stop) that the event loop, the library API and later QMP use.
 
-use std::sync::{Arc, MutexGuard};
+use std::sync::{Arc, OnceLock};
+
+use api::{Event, ShutdownCause};
 use std::time::Duration;
 
 use devices::power::PowerControl;
@@ -11,7 +13,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::kvm_vm::{KvmVm, VmError};
 use crate::loader::{self, BootEntry, GuestImage, LoaderError};
-use crate::machine::{BigLock, Machine};
+use crate::machine::{BigLock, Machine, MachineGuard};
 use crate::memory::{self, MemoryError};
 use crate::runstate::RunState;
 use crate::vcpu::{Vcpu, VcpuKick, VcpuRequest, VcpuState};
@@ -42,6 +44,33 @@ pub enum VmOpError {
     },
 }
 
+/// A whole-VM action asked for by the guest or the host and carried out by the event loop
+/// (after the reply to the QMP command that asked for it, as QEMU does).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VmAction {
+    /// Re-boot the guest.
+    Reset {
+        /// Whether the guest asked.
+        guest: bool,
+        /// QEMU's reason.
+        reason: ShutdownCause,
+    },
+    /// End the VMM.
+    Shutdown {
+        /// Whether the guest asked.
+        guest: bool,
+        /// QEMU's reason.
+        reason: ShutdownCause,
+        /// The process exit status.
+        code: i32,
+    },
+    /// Press the ACPI power button.
+    Powerdown,
+}
+
+/// Where VM events (QMP's STOP, RESUME, RESET, SHUTDOWN, POWERDOWN) go.
+pub type EventSink = Box<dyn Fn(Event) + Send + Sync>;
+
 /// The VM shared by the vCPU threads, the event loop and controllers.
 pub struct Vm {
     lock: BigLock,
@@ -49,9 +78,11 @@ pub struct Vm {
     kicks: Vec<VcpuKick>,
     vcpu_event: EventFd,
     control: EventFd,
+    events: OnceLock<EventSink>,
     memory: GuestMemoryMmap,
     kvm: KvmVm,
     image: GuestImage,
+    name: Option<String>,
 }
 
 impl Vm {
@@ -62,6 +93,7 @@ impl Vm {
         memory: GuestMemoryMmap,
         kvm: KvmVm,
         image: GuestImage,
+        name: Option<String>,
     ) -> std::io::Result<Self> {
         let kicks = (0..machine.vcpus.len())
             .map(|_| VcpuKick::default())
@@ -72,14 +104,16 @@ impl Vm {
             kicks,
             vcpu_event: EventFd::new(libc::EFD_NONBLOCK)?,
             control: EventFd::new(libc::EFD_NONBLOCK)?,
+            events: OnceLock::new(),
             memory,
             kvm,
             image,
+            name,
         })
     }
 
     /// Takes the big lock.
-    pub fn lock(&self) -> MutexGuard<'_, Machine> {
+    pub fn lock(&self) -> MachineGuard<'_> {
         self.lock.lock()
     }
 
@@ -113,23 +147,41 @@ impl Vm {
         &self.image
     }
 
+    /// The VM's name (`--name`).
+    pub fn name(&self) -> Option<&str> {
+        self.name.as_deref()
+    }
+
     /// Readable when a vCPU reported something the event loop must handle.
     pub fn vcpu_event(&self) -> &EventFd {
         &self.vcpu_event
     }
 
-    /// Readable when a controller asked the event loop to end the VMM.
+    /// Readable when an action waits in [`Machine::actions`] for the event loop.
     pub fn control_event(&self) -> &EventFd {
         &self.control
     }
 
-    /// Asks the event loop to end the VMM with exit status `code` (the first request wins).
-    pub fn request_exit(&self, code: i32) {
-        let mut machine = self.lock();
-        machine.exit_code.get_or_insert(code);
-        drop(machine);
+    /// Queues a whole-VM action for the event loop.
+    pub fn request(&self, machine: &mut Machine, action: VmAction) {
+        machine.actions.push(action);
         if let Err(e) = self.control.write(1) {
             log::error!("cannot wake the event loop: {e}");
+        }
+    }
+
+    /// Sets where events go (once; later calls are ignored).
+    pub fn set_event_sink(&self, sink: EventSink) {
+        if self.events.set(sink).is_err() {
+            log::warn!("the VM's event sink was already set");
+        }
+    }
+
+    /// Emits a VM event.
+    pub fn emit(&self, event: Event) {
+        log::info!("event {}", event.name());
+        if let Some(sink) = self.events.get() {
+            sink(event);
         }
     }
 
@@ -176,16 +228,13 @@ impl Vm {
 
     /// Pauses every vCPU and returns once each has parked with no exit half-emulated. The big
     /// lock is released while waiting so a vCPU in the middle of an exit can finish it.
-    pub fn pause_vcpus<'a>(
-        &'a self,
-        mut machine: MutexGuard<'a, Machine>,
-    ) -> MutexGuard<'a, Machine> {
+    pub fn pause_vcpus(&self, machine: &mut MachineGuard<'_>) {
         for slot in machine.vcpus.iter_mut() {
             if slot.request == VcpuRequest::Run {
                 slot.request = VcpuRequest::Pause;
             }
         }
-        self.wait_for_vcpus(machine, &[VcpuState::Paused, VcpuState::Exited])
+        self.wait_for_vcpus(machine, &[VcpuState::Paused, VcpuState::Exited]);
     }
 
     /// Lets every paused vCPU run again.
@@ -199,23 +248,16 @@ impl Vm {
     }
 
     /// Ends every vCPU thread and waits until each has reported it.
-    pub fn stop_vcpu_threads<'a>(
-        &'a self,
-        mut machine: MutexGuard<'a, Machine>,
-    ) -> MutexGuard<'a, Machine> {
+    pub fn stop_vcpu_threads(&self, machine: &mut MachineGuard<'_>) {
         for slot in machine.vcpus.iter_mut() {
             slot.request = VcpuRequest::Exit;
         }
-        self.wait_for_vcpus(machine, &[VcpuState::Exited])
+        self.wait_for_vcpus(machine, &[VcpuState::Exited]);
     }
 
     /// Kicks every vCPU not yet in one of `states`, then waits (re-kicking every
     /// [`REKICK_INTERVAL`]) until all are.
-    fn wait_for_vcpus<'a>(
-        &'a self,
-        mut machine: MutexGuard<'a, Machine>,
-        states: &[VcpuState],
-    ) -> MutexGuard<'a, Machine> {
+    fn wait_for_vcpus(&self, machine: &mut MachineGuard<'_>, states: &[VcpuState]) {
         loop {
             for (index, slot) in machine.vcpus.iter().enumerate() {
                 if !states.contains(&slot.state) && slot.state != VcpuState::Exited {
@@ -223,14 +265,80 @@ impl Vm {
                 }
             }
             self.lock.notify_all();
-            if Self::all_vcpus_in(&machine, states) {
-                return machine;
+            if Self::all_vcpus_in(machine, states) {
+                return;
             }
-            machine = self.lock.wait_timeout(machine, REKICK_INTERVAL);
-            if Self::all_vcpus_in(&machine, states) {
-                return machine;
+            self.lock.wait_timeout(machine, REKICK_INTERVAL);
+            if Self::all_vcpus_in(machine, states) {
+                return;
             }
         }
+    }
+
+    /// Runs `work` on vCPU `index`'s own thread (where its state can be read consistently)
+    /// and returns its result, or `None` if the vCPU thread has ended. The big lock is
+    /// released while waiting.
+    pub fn run_on_vcpu<R: Send + 'static>(
+        &self,
+        machine: &mut MachineGuard<'_>,
+        index: usize,
+        work: impl FnOnce(&mut Vcpu) -> R + Send + 'static,
+    ) -> Option<R> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        machine
+            .vcpus
+            .get_mut(index)?
+            .work
+            .push(Box::new(move |vcpu: &mut Vcpu| {
+                // The requester may have given up; nothing to do then.
+                let _ = tx.send(work(vcpu));
+                Ok(())
+            }));
+        loop {
+            match rx.try_recv() {
+                Ok(result) => return Some(result),
+                Err(std::sync::mpsc::TryRecvError::Disconnected) => return None,
+                Err(std::sync::mpsc::TryRecvError::Empty) => {}
+            }
+            if machine.vcpus[index].state == VcpuState::Exited {
+                return None;
+            }
+            self.kicks[index].kick();
+            self.lock.notify_all();
+            self.lock.wait_timeout(machine, REKICK_INTERVAL);
+        }
+    }
+
+    /// Stops a running VM (QMP `stop`): pauses the vCPUs, then emits STOP. Does nothing when
+    /// the VM is already stopped or not started.
+    pub fn stop(&self, machine: &mut MachineGuard<'_>) {
+        if machine.run_state == RunState::Running {
+            self.pause_vcpus(machine);
+            machine.run_state = RunState::Paused;
+            self.emit(Event::Stop);
+        }
+    }
+
+    /// Starts or resumes the VM (QMP `cont`): emits RESUME and lets the vCPUs run. Fails in
+    /// states that need a reset first, with QEMU's message.
+    pub fn cont(&self, machine: &mut MachineGuard<'_>) -> Result<(), &'static str> {
+        match machine.run_state {
+            RunState::Paused | RunState::Prelaunch => {
+                machine.run_state = RunState::Running;
+                self.emit(Event::Resume);
+                self.resume_vcpus(machine);
+                Ok(())
+            }
+            RunState::Running => Ok(()),
+            RunState::Shutdown | RunState::InternalError => {
+                Err("Resetting the Virtual Machine is required")
+            }
+        }
+    }
+
+    /// Presses the ACPI power button: the guest sees a power-button event.
+    pub fn press_power_button(&self, machine: &mut Machine) {
+        machine.press_power_button();
     }
 
     /// Loads the guest image into (zeroed) memory and returns the boot entry.
@@ -241,11 +349,8 @@ impl Vm {
     /// Re-boots the guest from its kernel: all vCPUs pause, RAM is discarded and the guest
     /// reloaded, the irqchip, PIT, devices and vCPUs return to their power-on state, and the
     /// vCPUs run again if the VM was running.
-    pub fn reset_guest<'a>(
-        &'a self,
-        machine: MutexGuard<'a, Machine>,
-    ) -> Result<MutexGuard<'a, Machine>, VmOpError> {
-        let mut machine = self.pause_vcpus(machine);
+    pub fn reset_guest(&self, machine: &mut MachineGuard<'_>) -> Result<(), VmOpError> {
+        self.pause_vcpus(machine);
         memory::discard_guest_memory(&self.memory)?;
         let entry = self.load_guest()?;
         self.kvm.reset_platform()?;
@@ -258,10 +363,12 @@ impl Vm {
             kick.request_attention();
         }
         if machine.run_state == RunState::Running {
-            self.resume_vcpus(&mut machine);
+            self.resume_vcpus(machine);
         } else {
+            // As QEMU: a VM reset while not running waits in prelaunch for `cont`.
+            machine.run_state = RunState::Prelaunch;
             self.lock.notify_all();
         }
-        Ok(machine)
+        Ok(())
     }
 }

@@ -8,23 +8,27 @@ use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
-use devices::legacy::serial::COM1_GSI;
+use api::{Event, ShutdownCause};
 use devices::legacy::SerialOutput;
 use devices::power::{PowerControl, PowerRequest};
 use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
+use qmp::{QmpServer, ServerConfig};
 use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::terminal::Terminal;
 
 use crate::arch::layout::MMIO_GAP_START;
-use crate::config::{SerialConfig, VmConfig};
+use crate::config::{QmpAddress, SerialConfig, VmConfig};
 use crate::kvm_vm::{KvmVm, VmError};
 use crate::loader::{GuestImage, LoaderError};
-use crate::machine::{Machine, MachineError};
+use crate::machine::{Machine, MachineError, MachineGuard};
 use crate::memory::{self, MemoryError};
+use crate::migration::MigrationState;
+use crate::monitor::{OobContext, QmpDispatcher, PACKAGE, QEMU_VERSION};
 use crate::runstate::RunState;
 use crate::serial_backend::{self, SerialBackend};
 use crate::vcpu::{self, Vcpu, VcpuError};
-use crate::vm::{Vm, VmOpError};
+use crate::vm::{Vm, VmAction, VmOpError};
 
 /// Errors that stop a VM from being built or run.
 #[derive(Debug, thiserror::Error)]
@@ -47,9 +51,17 @@ pub enum Error {
     /// A whole-VM operation.
     #[error(transparent)]
     VmOp(#[from] VmOpError),
+    /// The QMP server could not start.
+    #[error("cannot start the QMP monitor: {0}")]
+    Qmp(#[from] qmp::ServerError),
     /// Wiring an interrupt.
-    #[error("cannot connect the serial interrupt: {0}")]
-    Irqfd(kvm_ioctls::Error),
+    #[error("cannot connect interrupt line GSI {gsi}: {source}")]
+    Irqfd {
+        /// The line.
+        gsi: u32,
+        /// The KVM error.
+        source: kvm_ioctls::Error,
+    },
     /// A serial back-end could not be opened.
     #[error("cannot open the serial back-end {what}: {source}")]
     Serial {
@@ -77,7 +89,7 @@ extern "C" fn handle_terminate(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut 
     if fd >= 0 {
         let one = 1u64.to_ne_bytes();
         // SAFETY: write(2) is async-signal-safe; the buffer is a live 8-byte array and the fd
-        // is the VM's control eventfd, open for as long as the event loop runs.
+        // is the signal eventfd, open for as long as the event loop runs.
         unsafe { libc::write(fd, one.as_ptr().cast(), one.len()) };
     }
 }
@@ -87,7 +99,7 @@ pub struct Vmm {
     vm: Arc<Vm>,
     vcpus: Vec<Vcpu>,
     serial: SerialConfig,
-    exit_on_internal_error: bool,
+    qmp: Option<(QmpServer, Arc<OobContext>)>,
     no_reboot: bool,
 }
 
@@ -109,10 +121,41 @@ fn serial_output(config: &SerialConfig) -> Result<SerialOutput, Error> {
     })
 }
 
+/// Starts the QMP monitors first of all, so clients get their greeting while the VM is still
+/// being built; in-band commands wait for the event loop.
+fn start_qmp(config: &VmConfig) -> Result<Option<(QmpServer, Arc<OobContext>)>, Error> {
+    if config.qmp.is_empty() {
+        return Ok(None);
+    }
+    let migration = Arc::new(MigrationState::new());
+    let (major, minor, micro) = QEMU_VERSION;
+    let server = QmpServer::start(
+        ServerConfig {
+            addrs: config
+                .qmp
+                .iter()
+                .map(|addr| match addr {
+                    QmpAddress::Unix(path) => qmp::ListenAddr::Unix(path.clone()),
+                    QmpAddress::Tcp(hostport) => qmp::ListenAddr::Tcp(hostport.clone()),
+                })
+                .collect(),
+            version: qmp::VersionInfo {
+                major: major as u32,
+                minor: minor as u32,
+                micro: micro as u32,
+                package: PACKAGE.to_string(),
+            },
+        },
+        Arc::new(api::Commands(OobContext::new(migration.clone()))),
+    )?;
+    Ok(Some((server, Arc::new(OobContext::new(migration)))))
+}
+
 impl Vmm {
-    /// Builds the VM: guest memory, KVM VM, devices, vCPUs, and the guest loaded and ready
-    /// at its entry point. Nothing runs until [`Vmm::run`].
+    /// Builds the VM: QMP monitors, guest memory, KVM VM, devices, vCPUs, and the guest
+    /// loaded at its entry point. Nothing runs until [`Vmm::run`].
     pub fn new(config: VmConfig) -> Result<Self, Error> {
+        let qmp = start_qmp(&config)?;
         let image = GuestImage {
             kernel: config.kernel.clone(),
             initrd: config.initrd.clone(),
@@ -127,7 +170,7 @@ impl Vmm {
         let power = Arc::new(PowerControl::new()?);
         let below_4g = config.memory_bytes.min(MMIO_GAP_START);
         let above_4g = config.memory_bytes - below_4g;
-        let (machine, serial_irq) = Machine::new(
+        let (machine, irq_lines) = Machine::new(
             &power,
             serial_output(&config.serial)?,
             below_4g,
@@ -135,9 +178,11 @@ impl Vmm {
             usize::from(config.cpus),
             config.start_paused,
         )?;
-        kvm.fd()
-            .register_irqfd(&serial_irq, COM1_GSI)
-            .map_err(Error::Irqfd)?;
+        for (irq, gsi) in &irq_lines {
+            kvm.fd()
+                .register_irqfd(irq, *gsi)
+                .map_err(|source| Error::Irqfd { gsi: *gsi, source })?;
+        }
 
         let mut vcpus = Vec::with_capacity(usize::from(config.cpus));
         for index in 0..config.cpus {
@@ -145,14 +190,20 @@ impl Vmm {
             vcpu.configure_boot(entry)?;
             vcpus.push(vcpu);
         }
-        let vm = Arc::new(Vm::new(machine, power, mem, kvm, image)?);
-        // The irqfd keeps its own reference to the eventfd's file; ours can go.
-        drop(serial_irq);
+        let vm = Arc::new(Vm::new(machine, power, mem, kvm, image, config.name)?);
+        // Each irqfd keeps its own reference to its eventfd's file; ours can go.
+        drop(irq_lines);
+        if let Some((server, _)) = &qmp {
+            let server = server.clone();
+            vm.set_event_sink(Box::new(move |event: Event| {
+                server.emit_event(event.name(), event.data());
+            }));
+        }
         Ok(Vmm {
             vm,
             vcpus,
             serial: config.serial,
-            exit_on_internal_error: config.qmp.is_empty(),
+            qmp,
             no_reboot: config.no_reboot,
         })
     }
@@ -170,7 +221,7 @@ impl Vmm {
             vm,
             vcpus,
             serial,
-            exit_on_internal_error,
+            qmp,
             no_reboot,
         } = self;
         vcpu::install_kick_handler()?;
@@ -180,33 +231,45 @@ impl Vmm {
         };
         let mut event_manager = EventManager::<Arc<Mutex<dyn MutEventSubscriber + Send>>>::new()
             .map_err(|e| Error::EventLoop(format!("{e:?}")))?;
+        let signal = EventFd::new(libc::EFD_NONBLOCK)?;
+        install_terminate_handlers(&signal);
         event_manager.add_subscriber(Arc::new(Mutex::new(ControlHandler {
             vm: vm.clone(),
-            exit_on_internal_error,
+            signal,
+            exit_on_internal_error: qmp.is_none(),
             no_reboot,
         })));
         if let Some(backend) = serial_backend_for(&vm, &serial)? {
             event_manager.add_subscriber(Arc::new(Mutex::new(backend)));
         }
-        install_terminate_handlers(&vm);
+        if let Some((server, oob)) = &qmp {
+            event_manager.add_subscriber(Arc::new(Mutex::new(QmpDispatcher::new(
+                vm.clone(),
+                server.clone(),
+                oob.clone(),
+            ))));
+        }
 
         let threads = spawn_vcpu_threads(&vm, vcpus)?;
-        let code = loop {
-            event_manager
-                .run()
-                .map_err(|e| Error::EventLoop(format!("{e:?}")))?;
+        let result = loop {
+            if let Err(e) = event_manager.run() {
+                break Err(Error::EventLoop(format!("{e:?}")));
+            }
             if let Some(code) = vm.lock().exit_code {
-                break code;
+                break Ok(code);
             }
         };
         SIGNAL_EVENT_FD.store(-1, Ordering::Release);
-        drop(vm.stop_vcpu_threads(vm.lock()));
+        vm.stop_vcpu_threads(&mut vm.lock());
         for thread in threads {
             if thread.join().is_err() {
                 log::error!("a vCPU thread panicked");
             }
         }
-        Ok(code)
+        if let Some((server, _)) = qmp {
+            server.shutdown();
+        }
+        result
     }
 }
 
@@ -240,9 +303,9 @@ fn serial_backend_for(vm: &Arc<Vm>, serial: &SerialConfig) -> Result<Option<Seri
     })
 }
 
-fn install_terminate_handlers(vm: &Vm) {
+fn install_terminate_handlers(signal: &EventFd) {
     use std::os::fd::AsRawFd;
-    SIGNAL_EVENT_FD.store(vm.control_event().as_raw_fd(), Ordering::Release);
+    SIGNAL_EVENT_FD.store(signal.as_raw_fd(), Ordering::Release);
     for signal in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP] {
         if let Err(e) = vmm_sys_util::signal::register_signal_handler(signal, handle_terminate) {
             log::warn!("cannot handle signal {signal}: {e}");
@@ -296,45 +359,89 @@ impl Drop for TerminalGuard {
 const TOKEN_POWER: u32 = 0;
 const TOKEN_VCPU: u32 = 1;
 const TOKEN_CONTROL: u32 = 2;
+const TOKEN_SIGNAL: u32 = 3;
 
-/// Acts on what devices, vCPUs and controllers ask of the whole VM: reset, power-off, exit,
-/// internal errors.
+/// Carries out what the guest (through devices and vCPUs), the host (QMP, the library,
+/// signals) asks of the whole VM: reset, power button, shutdown, internal errors.
 struct ControlHandler {
     vm: Arc<Vm>,
+    signal: EventFd,
     exit_on_internal_error: bool,
     no_reboot: bool,
 }
 
 impl ControlHandler {
-    fn end(&self, code: i32) {
-        let mut machine = self.vm.pause_vcpus(self.vm.lock());
+    fn act(&self, machine: &mut MachineGuard<'_>, action: VmAction) {
+        match action {
+            VmAction::Reset { guest, reason } if !(guest && self.no_reboot) => {
+                match self.vm.reset_guest(machine) {
+                    Ok(()) => self.vm.emit(Event::Reset { guest, reason }),
+                    Err(e) => {
+                        log::error!("guest reset failed: {e}");
+                        self.shut_down(machine, false, ShutdownCause::HostError, 1);
+                    }
+                }
+            }
+            VmAction::Reset { guest, reason } => self.shut_down(machine, guest, reason, 0),
+            VmAction::Shutdown {
+                guest,
+                reason,
+                code,
+            } => self.shut_down(machine, guest, reason, code),
+            VmAction::Powerdown => {
+                self.vm.emit(Event::Powerdown);
+                self.vm.press_power_button(machine);
+            }
+        }
+    }
+
+    fn shut_down(
+        &self,
+        machine: &mut MachineGuard<'_>,
+        guest: bool,
+        reason: ShutdownCause,
+        code: i32,
+    ) {
+        if machine.exit_code.is_some() {
+            return;
+        }
+        self.vm.pause_vcpus(machine);
         machine.run_state = RunState::Shutdown;
-        machine.exit_code.get_or_insert(code);
+        machine.exit_code = Some(code);
+        self.vm.emit(Event::Shutdown { guest, reason });
     }
 
     fn handle_power(&self) {
         let _ = self.vm.power().eventfd().read();
-        let machine = self.vm.lock();
+        let mut machine = self.vm.lock();
         let Some(request) = self.vm.power().take() else {
             return;
         };
         log::info!("guest requested {request:?}");
-        match request {
-            PowerRequest::Reset if !self.no_reboot => match self.vm.reset_guest(machine) {
-                Ok(_) => {}
-                Err(e) => {
-                    log::error!("guest reset failed: {e}");
-                    self.vm.request_exit(1);
-                }
+        let action = match request {
+            PowerRequest::Reset => VmAction::Reset {
+                guest: true,
+                reason: ShutdownCause::GuestReset,
             },
-            PowerRequest::Reset | PowerRequest::Poweroff => {
-                drop(machine);
-                self.end(0);
-            }
-            PowerRequest::Exit(code) => {
-                drop(machine);
-                self.end(i32::from(code));
-            }
+            PowerRequest::Poweroff => VmAction::Shutdown {
+                guest: true,
+                reason: ShutdownCause::GuestShutdown,
+                code: 0,
+            },
+            PowerRequest::Exit(code) => VmAction::Shutdown {
+                guest: true,
+                reason: ShutdownCause::GuestShutdown,
+                code: i32::from(code),
+            },
+        };
+        self.act(&mut machine, action);
+    }
+
+    fn handle_actions(&self) {
+        let _ = self.vm.control_event().read();
+        let mut machine = self.vm.lock();
+        for action in std::mem::take(&mut machine.actions) {
+            self.act(&mut machine, action);
         }
     }
 
@@ -344,8 +451,9 @@ impl ControlHandler {
         if !std::mem::take(&mut machine.internal_error) {
             return;
         }
-        let mut machine = self.vm.pause_vcpus(machine);
+        self.vm.pause_vcpus(&mut machine);
         machine.run_state = RunState::InternalError;
+        self.vm.emit(Event::Stop);
         if self.exit_on_internal_error {
             machine.exit_code.get_or_insert(1);
         }
@@ -357,13 +465,12 @@ impl MutEventSubscriber for ControlHandler {
         match events.data() {
             TOKEN_POWER => self.handle_power(),
             TOKEN_VCPU => self.handle_vcpu_event(),
-            TOKEN_CONTROL => {
-                let signalled = self.vm.control_event().read().is_ok();
-                let requested = self.vm.lock().exit_code.is_some();
-                if signalled && !requested {
-                    log::info!("terminating on signal");
-                    self.end(0);
-                }
+            TOKEN_CONTROL => self.handle_actions(),
+            TOKEN_SIGNAL => {
+                let _ = self.signal.read();
+                log::warn!("terminating on signal");
+                let mut machine = self.vm.lock();
+                self.shut_down(&mut machine, false, ShutdownCause::HostSignal, 0);
             }
             other => log::warn!("control: unexpected event token {other}"),
         }
@@ -374,6 +481,7 @@ impl MutEventSubscriber for ControlHandler {
             (self.vm.power().eventfd(), TOKEN_POWER),
             (self.vm.vcpu_event(), TOKEN_VCPU),
             (self.vm.control_event(), TOKEN_CONTROL),
+            (&self.signal, TOKEN_SIGNAL),
         ];
         for (fd, token) in fds {
             if let Err(e) = ops.add(Events::with_data(fd, token, EventSet::IN)) {
@@ -390,32 +498,19 @@ pub struct VmController {
 }
 
 impl VmController {
-    /// Stops all vCPUs; returns once none runs guest code. Pausing a paused VM does nothing.
+    /// Stops all vCPUs (emitting STOP); returns once none runs guest code. Pausing a stopped
+    /// VM does nothing.
     pub fn pause(&self) -> Result<(), Error> {
-        let machine = self.vm.lock();
-        match machine.run_state {
-            RunState::Running => {
-                let mut machine = self.vm.pause_vcpus(machine);
-                machine.run_state = RunState::Paused;
-                Ok(())
-            }
-            RunState::Paused | RunState::Prelaunch => Ok(()),
-            other => Err(Error::BadState(other)),
-        }
+        self.vm.stop(&mut self.vm.lock());
+        Ok(())
     }
 
-    /// Lets a paused or never-started VM run.
+    /// Lets a paused or never-started VM run (emitting RESUME).
     pub fn resume(&self) -> Result<(), Error> {
         let mut machine = self.vm.lock();
-        match machine.run_state {
-            RunState::Paused | RunState::Prelaunch => {
-                machine.run_state = RunState::Running;
-                self.vm.resume_vcpus(&mut machine);
-                Ok(())
-            }
-            RunState::Running => Ok(()),
-            other => Err(Error::BadState(other)),
-        }
+        self.vm
+            .cont(&mut machine)
+            .map_err(|_| Error::BadState(machine.run_state))
     }
 
     /// The VM's run state.
@@ -428,8 +523,16 @@ impl VmController {
         Ok(self.vm.read_guest_memory(addr, buf)?)
     }
 
-    /// Ends the VM: [`Vmm::run`] returns `Ok(0)`.
+    /// Ends the VM as QMP `quit` does: [`Vmm::run`] returns `Ok(0)`.
     pub fn quit(&self) {
-        self.vm.request_exit(0);
+        let mut machine = self.vm.lock();
+        self.vm.request(
+            &mut machine,
+            VmAction::Shutdown {
+                guest: false,
+                reason: ShutdownCause::HostQmpQuit,
+                code: 0,
+            },
+        );
     }
 }

@@ -55,10 +55,19 @@ pub const CMDLINE_MAX_SIZE: usize = 0x10000;
 pub const MPTABLE_START: GuestAddress = GuestAddress(0x9fc00);
 /// End of the conventional RAM the guest may use below 1 MiB (exclusive).
 pub const BASE_RAM_END: u64 = MPTABLE_START.0;
-/// Start of the legacy BIOS/ROM area; nothing Skiff maps lives between here and 1 MiB.
+/// Start of the legacy BIOS/ROM area; only the ACPI tables live between here and 1 MiB.
 pub const BIOS_ROM_START: u64 = 0xe0000;
+/// ACPI Root System Description Pointer, where Linux's legacy scan also finds it.
+pub const ACPI_RSDP_START: GuestAddress = GuestAddress(BIOS_ROM_START);
+/// The other ACPI tables (XSDT, FADT, DSDT, MADT), after the RSDP, up to 1 MiB.
+pub const ACPI_TABLES_START: GuestAddress = GuestAddress(BIOS_ROM_START + 0x100);
+/// End of the ACPI tables area (exclusive).
+pub const ACPI_TABLES_END: u64 = HIMEM_START.0;
 
 // ---- High memory -------------------------------------------------------------------------------
+
+/// I/O port of the ACPI sleep control/status and reset registers (hardware-reduced ACPI).
+pub const ACPI_PM_PORT: u16 = 0x600;
 
 /// Where the kernel is loaded and "high memory" begins for the boot protocol.
 pub const HIMEM_START: GuestAddress = GuestAddress(MIB);
@@ -70,8 +79,16 @@ pub const MMIO_GAP_END: u64 = 4 * GIB;
 /// Size of the device gap.
 pub const MMIO_GAP_SIZE: u64 = MMIO_GAP_END - MMIO_GAP_START;
 
-/// Start of the window handed out to virtio-mmio and platform devices.
+/// Start of the window handed out to platform and virtio-mmio devices.
 pub const MMIO_DEVICES_START: u64 = MMIO_GAP_START;
+/// The ACPI Generic Event Device's one-page register window (power button events).
+pub const ACPI_GED_START: u64 = MMIO_DEVICES_START;
+/// Size of the GED window.
+pub const ACPI_GED_SIZE: u64 = 0x1000;
+/// First virtio-mmio device window; each device takes [`VIRTIO_MMIO_SIZE`].
+pub const VIRTIO_MMIO_START: u64 = ACPI_GED_START + ACPI_GED_SIZE;
+/// Size of one virtio-mmio register window.
+pub const VIRTIO_MMIO_SIZE: u64 = 0x1000;
 
 /// KVM's three-page TSS region required on Intel hosts (inside the gap, below the IOAPIC).
 pub const KVM_TSS_ADDRESS: u64 = 0xfffb_d000;
@@ -107,6 +124,7 @@ const _: () = {
     assert!(PD_START.0 + BOOT_PD_COUNT * 0x1000 <= CMDLINE_START.0);
     assert!(CMDLINE_START.0 + CMDLINE_MAX_SIZE as u64 <= MPTABLE_START.0);
     assert!(BIOS_ROM_START <= HIMEM_START.0);
+    assert!(ACPI_TABLES_START.0 < ACPI_TABLES_END);
     assert!(IOAPIC_START >= MMIO_DEVICES_START);
     // KVM's private pages sit in the gap above the APICs and below 4 GiB.
     assert!(KVM_IDENTITY_MAP_ADDRESS >= APIC_START + 0x1000);

@@ -1,0 +1,357 @@
+//! The VMM side of QMP: the handlers behind the generated command traits, and the event-loop
+//! subscriber that runs queued in-band commands with the big lock held.
+//!
+//! The type system keeps the out-of-band contract: in-band handlers ([`InBandHandler`]) hold
+//! the locked [`Machine`](crate::machine::Machine); out-of-band handlers ([`OobContext`]) hold
+//! only the migration state, which is atomics, so they cannot take the big lock or touch guest
+//! RAM.
+
+use std::fs::OpenOptions;
+use std::io::Write;
+use std::sync::Arc;
+
+use api::{
+    CpuInfoFast, CpuInstanceProperties, InBandCommands, KvmInfo, MemoryInfo, NameInfo, OobCommands,
+    ShutdownCause, StatusInfo, SysEmuTarget, UuidInfo, VersionInfo, VersionTriple,
+};
+use event_manager::{EventOps, Events, MutEventSubscriber};
+use qmp::{QmpError, QmpServer};
+use vm_memory::{Bytes, GuestAddress};
+use vmm_sys_util::epoll::EventSet;
+
+use crate::machine::MachineGuard;
+use crate::migration::MigrationState;
+use crate::runstate::RunState;
+use crate::vm::{Vm, VmAction};
+
+/// The QEMU version Skiff's monitor reports (greeting and `query-version`): the QMP dialect
+/// it speaks, so clients that check versions accept it.
+pub const QEMU_VERSION: (i64, i64, i64) = (9, 2, 0);
+/// The `package` string of the version: says what is really answering.
+pub const PACKAGE: &str = concat!("skiff-", env!("CARGO_PKG_VERSION"));
+/// Bytes copied per write by `pmemsave` and `memsave`.
+const SAVE_CHUNK: usize = 64 * 1024;
+const PAGE_SIZE: u64 = 4096;
+
+/// What out-of-band handlers may use: shared migration state, nothing else.
+pub struct OobContext {
+    migration: Arc<MigrationState>,
+}
+
+impl OobContext {
+    /// A context over the VM's migration state.
+    pub fn new(migration: Arc<MigrationState>) -> Self {
+        OobContext { migration }
+    }
+}
+
+impl OobCommands for OobContext {
+    fn migrate_pause(&self) -> Result<(), QmpError> {
+        self.migration.pause()
+    }
+
+    fn migrate_recover(&self, uri: String) -> Result<(), QmpError> {
+        self.migration.recover(&uri)
+    }
+}
+
+/// Handles one in-band command with the big lock held.
+pub struct InBandHandler<'a> {
+    vm: &'a Vm,
+    machine: MachineGuard<'a>,
+    oob: &'a OobContext,
+}
+
+impl<'a> InBandHandler<'a> {
+    /// A handler for one command; takes the big lock.
+    pub fn new(vm: &'a Vm, oob: &'a OobContext) -> Self {
+        InBandHandler {
+            vm,
+            machine: vm.lock(),
+            oob,
+        }
+    }
+
+    fn check_cpu_index(&self, cpu_index: Option<i64>) -> Result<usize, QmpError> {
+        let index = cpu_index.unwrap_or(0);
+        usize::try_from(index)
+            .ok()
+            .filter(|i| *i < self.machine.vcpus.len())
+            .ok_or_else(|| QmpError::generic(format!("CPU {index} not found")))
+    }
+
+    /// Copies `size` bytes from `read_at(offset)` into a new file, as pmemsave/memsave do.
+    fn save_to_file(
+        filename: &str,
+        size: u64,
+        mut read_at: impl FnMut(u64, &mut [u8]) -> Result<(), QmpError>,
+    ) -> Result<(), QmpError> {
+        let mut file = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(filename)
+            .map_err(|e| QmpError::generic(format!("Could not open '{filename}': {e}")))?;
+        let mut buf = vec![0u8; SAVE_CHUNK];
+        let mut done = 0u64;
+        while done < size {
+            let len = (size - done).min(SAVE_CHUNK as u64) as usize;
+            read_at(done, &mut buf[..len])?;
+            file.write_all(&buf[..len]).map_err(|e| {
+                QmpError::generic(format!("writing memory to '{filename}' failed: {e}"))
+            })?;
+            done += len as u64;
+        }
+        Ok(())
+    }
+
+    fn info_registers(&mut self, cpu_index: Option<i64>) -> Result<String, QmpError> {
+        let index = self.check_cpu_index(cpu_index)?;
+        let dump = self
+            .vm
+            .run_on_vcpu(&mut self.machine, index, |vcpu| {
+                crate::arch::dump::register_dump(vcpu.fd())
+            })
+            .ok_or_else(|| QmpError::generic(format!("CPU {index} not found")))?;
+        dump.map_err(|e| QmpError::generic(format!("cannot read the registers: {e}")))
+    }
+
+    fn info_cpus(&self) -> String {
+        (0..self.machine.vcpus.len())
+            .map(|i| {
+                let tid = self.vm.kick(i).thread_id().unwrap_or(0);
+                let current = if i == 0 { '*' } else { ' ' };
+                format!("{current} CPU #{i}: thread_id={tid}\n")
+            })
+            .collect()
+    }
+}
+
+/// HMP prints lines ending in `\n`; the monitor turns them into `\r\n`.
+fn hmp_lines(text: &str) -> String {
+    text.replace('\n', "\r\n")
+}
+
+impl InBandCommands for InBandHandler<'_> {
+    fn oob(&self) -> &dyn OobCommands {
+        self.oob
+    }
+
+    fn query_status(&mut self) -> Result<StatusInfo, QmpError> {
+        let state = self.machine.run_state;
+        let status = api::RunState::from_wire(state.as_str())
+            .ok_or_else(|| QmpError::generic(format!("unknown run state {state}")))?;
+        Ok(StatusInfo {
+            running: state.is_running(),
+            status,
+        })
+    }
+
+    fn query_cpus_fast(&mut self) -> Result<Vec<CpuInfoFast>, QmpError> {
+        Ok((0..self.machine.vcpus.len())
+            .map(|i| CpuInfoFast {
+                cpu_index: i as i64,
+                qom_path: format!("/machine/unattached/device[{i}]"),
+                thread_id: i64::from(self.vm.kick(i).thread_id().unwrap_or(0)),
+                props: Some(CpuInstanceProperties {
+                    node_id: None,
+                    drawer_id: None,
+                    book_id: None,
+                    socket_id: Some(0),
+                    die_id: Some(0),
+                    cluster_id: None,
+                    module_id: None,
+                    core_id: Some(i as i64),
+                    thread_id: Some(0),
+                }),
+                target: SysEmuTarget::X86_64,
+                s390x: None,
+            })
+            .collect())
+    }
+
+    fn query_uuid(&mut self) -> Result<UuidInfo, QmpError> {
+        Ok(UuidInfo {
+            uuid: "00000000-0000-0000-0000-000000000000".to_string(),
+        })
+    }
+
+    fn system_reset(&mut self) -> Result<(), QmpError> {
+        self.vm.request(
+            &mut self.machine,
+            VmAction::Reset {
+                guest: false,
+                reason: ShutdownCause::HostQmpSystemReset,
+            },
+        );
+        Ok(())
+    }
+
+    fn system_powerdown(&mut self) -> Result<(), QmpError> {
+        self.vm.request(&mut self.machine, VmAction::Powerdown);
+        Ok(())
+    }
+
+    fn query_kvm(&mut self) -> Result<KvmInfo, QmpError> {
+        Ok(KvmInfo {
+            enabled: true,
+            present: true,
+        })
+    }
+
+    fn memsave(
+        &mut self,
+        val: u64,
+        size: u64,
+        filename: String,
+        cpu_index: Option<i64>,
+    ) -> Result<(), QmpError> {
+        let index = self.check_cpu_index(cpu_index)?;
+        let vm = self.vm;
+        let machine = &mut self.machine;
+        Self::save_to_file(&filename, size, |offset, buf| {
+            // Translate page by page on the vCPU's thread, then read guest RAM here.
+            let mut done = 0usize;
+            while done < buf.len() {
+                let virt = val.wrapping_add(offset).wrapping_add(done as u64);
+                let in_page = (PAGE_SIZE - virt % PAGE_SIZE) as usize;
+                let len = in_page.min(buf.len() - done);
+                let translation = vm
+                    .run_on_vcpu(machine, index, move |vcpu| vcpu.fd().translate_gva(virt))
+                    .ok_or_else(|| QmpError::generic(format!("CPU {index} not found")))?;
+                let phys = translation
+                    .ok()
+                    .filter(|t| t.valid != 0)
+                    .map(|t| t.physical_address)
+                    .ok_or_else(|| {
+                        QmpError::generic(format!(
+                            "Invalid addr 0x{virt:016x}/size {size} specified"
+                        ))
+                    })?;
+                vm.memory()
+                    .read_slice(&mut buf[done..done + len], GuestAddress(phys))
+                    .map_err(|_| QmpError::generic(format!("Invalid addr 0x{virt:x} specified")))?;
+                done += len;
+            }
+            Ok(())
+        })
+    }
+
+    fn pmemsave(&mut self, val: u64, size: u64, filename: String) -> Result<(), QmpError> {
+        let vm = self.vm;
+        Self::save_to_file(&filename, size, |offset, buf| {
+            let addr = val.wrapping_add(offset);
+            vm.memory()
+                .read_slice(buf, GuestAddress(addr))
+                .map_err(|_| QmpError::generic(format!("Invalid addr 0x{addr:x} specified")))
+        })
+    }
+
+    fn query_memory_size_summary(&mut self) -> Result<MemoryInfo, QmpError> {
+        Ok(MemoryInfo {
+            base_memory: self.vm.image().mem_size,
+            plugged_memory: Some(0),
+        })
+    }
+
+    fn query_name(&mut self) -> Result<NameInfo, QmpError> {
+        Ok(NameInfo {
+            name: self.vm.name().map(str::to_string),
+        })
+    }
+
+    fn stop(&mut self) -> Result<(), QmpError> {
+        self.vm.stop(&mut self.machine);
+        Ok(())
+    }
+
+    fn cont(&mut self) -> Result<(), QmpError> {
+        self.vm.cont(&mut self.machine).map_err(QmpError::generic)
+    }
+
+    fn human_monitor_command(
+        &mut self,
+        command_line: String,
+        cpu_index: Option<i64>,
+    ) -> Result<String, QmpError> {
+        let words: Vec<&str> = command_line.split_whitespace().collect();
+        let text = match words.as_slice() {
+            [] => String::new(),
+            ["info", "status"] => {
+                let state = self.machine.run_state;
+                match state {
+                    RunState::Running => "VM status: running\n".to_string(),
+                    RunState::Paused => "VM status: paused\n".to_string(),
+                    other => format!("VM status: paused ({other})\n"),
+                }
+            }
+            ["info", "registers"] => self.info_registers(cpu_index)?,
+            ["info", "cpus"] => self.info_cpus(),
+            ["info", "kvm"] => "kvm support: enabled\n".to_string(),
+            ["info", "name"] => self.vm.name().map(|n| format!("{n}\n")).unwrap_or_default(),
+            ["info", "version"] => {
+                let (major, minor, micro) = QEMU_VERSION;
+                format!("{major}.{minor}.{micro} ({PACKAGE})\n")
+            }
+            ["info"] | ["info", _] => "info status|registers|cpus|kvm|name|version\n".to_string(),
+            [command, ..] => format!("unknown command: '{command}'\n"),
+        };
+        Ok(hmp_lines(&text))
+    }
+
+    fn query_version(&mut self) -> Result<VersionInfo, QmpError> {
+        let (major, minor, micro) = QEMU_VERSION;
+        Ok(VersionInfo {
+            qemu: VersionTriple {
+                major,
+                minor,
+                micro,
+            },
+            package: PACKAGE.to_string(),
+        })
+    }
+
+    fn quit(&mut self) -> Result<(), QmpError> {
+        self.vm.request(
+            &mut self.machine,
+            VmAction::Shutdown {
+                guest: false,
+                reason: ShutdownCause::HostQmpQuit,
+                code: 0,
+            },
+        );
+        Ok(())
+    }
+}
+
+/// The event-loop subscriber running queued in-band QMP commands, one per wake-up, with the
+/// big lock held.
+pub struct QmpDispatcher {
+    vm: Arc<Vm>,
+    server: QmpServer,
+    oob: Arc<OobContext>,
+}
+
+impl QmpDispatcher {
+    /// Serves `server`'s in-band queue against `vm`.
+    pub fn new(vm: Arc<Vm>, server: QmpServer, oob: Arc<OobContext>) -> Self {
+        QmpDispatcher { vm, server, oob }
+    }
+}
+
+impl MutEventSubscriber for QmpDispatcher {
+    fn process(&mut self, _events: Events, _ops: &mut EventOps) {
+        let vm = &self.vm;
+        let oob = &self.oob;
+        self.server.run_next(&mut |name, arguments| {
+            let mut handler = InBandHandler::new(vm, oob);
+            api::dispatch_inband(&mut handler, name, arguments)
+        });
+    }
+
+    fn init(&mut self, ops: &mut EventOps) {
+        if let Err(e) = ops.add(Events::new(self.server.request_event(), EventSet::IN)) {
+            log::error!("cannot watch the QMP request queue: {e:?}");
+        }
+    }
+}
