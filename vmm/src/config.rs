@@ -3,6 +3,8 @@
 use std::path::PathBuf;
 use std::str::FromStr;
 
+use qmp::ListenAddr;
+
 use crate::arch::layout::MIB;
 use crate::arch::mptable::MAX_CPUS;
 
@@ -32,9 +34,6 @@ pub enum ConfigError {
     /// A serial back-end that does not parse.
     #[error("invalid serial back-end '{0}': expected stdio, file:PATH, unix:PATH or none")]
     BadSerial(String),
-    /// A QMP address that does not parse.
-    #[error("invalid QMP address '{0}': expected unix:PATH or tcp:HOST:PORT")]
-    BadQmpAddress(String),
 }
 
 /// Parses a size as QEMU's `-m` does: a number with an optional K, M, G or T suffix
@@ -112,33 +111,6 @@ impl FromStr for SerialConfig {
     }
 }
 
-/// Where a QMP monitor listens.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum QmpAddress {
-    /// A unix socket path.
-    Unix(PathBuf),
-    /// A TCP `host:port`.
-    Tcp(String),
-}
-
-impl FromStr for QmpAddress {
-    type Err = ConfigError;
-
-    fn from_str(text: &str) -> Result<Self, Self::Err> {
-        let bad = || ConfigError::BadQmpAddress(text.to_string());
-        match text.split_once(':') {
-            Some(("unix", path)) if !path.is_empty() => Ok(QmpAddress::Unix(path.into())),
-            Some(("tcp", hostport)) => match hostport.rsplit_once(':') {
-                Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok() => {
-                    Ok(QmpAddress::Tcp(hostport.to_string()))
-                }
-                _ => Err(bad()),
-            },
-            _ => Err(bad()),
-        }
-    }
-}
-
 /// A complete VM configuration.
 #[derive(Debug, Clone)]
 pub struct VmConfig {
@@ -155,7 +127,7 @@ pub struct VmConfig {
     /// COM1 back-end.
     pub serial: SerialConfig,
     /// QMP monitors to listen on.
-    pub qmp: Vec<QmpAddress>,
+    pub qmp: Vec<ListenAddr>,
     /// Start in the `prelaunch` state, vCPUs not running.
     pub start_paused: bool,
     /// End the VMM (status 0) instead of re-booting when the guest resets.
@@ -212,7 +184,7 @@ mod tests {
     }
 
     #[test]
-    fn serial_and_qmp() {
+    fn serial() {
         assert_eq!("stdio".parse(), Ok(SerialConfig::Stdio));
         assert_eq!(
             "file:/tmp/x".parse(),

@@ -19,6 +19,6 @@ pub mod vcpu;
 pub mod vm;
 pub mod vmm;
 
-pub use config::{QmpAddress, SerialConfig, VmConfig};
+pub use config::{SerialConfig, VmConfig};
 pub use runstate::RunState;
 pub use vmm::{Error, VmController, Vmm};

@@ -5,7 +5,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
-use skiff::config::{self, QmpAddress, SerialConfig, VmConfig, DEFAULT_CMDLINE};
+use qmp::ListenAddr;
+use skiff::config::{self, SerialConfig, VmConfig, DEFAULT_CMDLINE};
 use skiff::Vmm;
 
 /// A minimal KVM virtual machine monitor for x86_64 Linux guests, with QMP built in.
@@ -32,7 +33,7 @@ struct Cli {
     serial: SerialConfig,
     /// A QMP monitor: unix:PATH or tcp:HOST:PORT. Repeatable.
     #[arg(long, value_name = "ADDRESS")]
-    qmp: Vec<QmpAddress>,
+    qmp: Vec<ListenAddr>,
     /// Start paused (QMP run state prelaunch); `cont` starts the vCPUs.
     #[arg(short = 'S', long)]
     paused: bool,
@@ -82,7 +83,24 @@ fn init_logging() {
 
 fn main() -> ExitCode {
     init_logging();
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) if !e.use_stderr() => e.exit(),
+        Err(e) => {
+            // One line, not clap's usage block: scripts and CI logs read it.
+            let text = e.render().to_string();
+            let message: Vec<&str> = text
+                .lines()
+                .take_while(|line| !line.trim().is_empty())
+                .map(str::trim)
+                .collect();
+            eprintln!(
+                "skiff: error: {}",
+                message.join(" ").trim_start_matches("error: ")
+            );
+            return ExitCode::from(2);
+        }
+    };
     let config = VmConfig {
         kernel: cli.kernel,
         initrd: cli.initrd,

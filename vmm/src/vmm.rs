@@ -18,7 +18,7 @@ use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::terminal::Terminal;
 
 use crate::arch::layout::MMIO_GAP_START;
-use crate::config::{QmpAddress, SerialConfig, VmConfig};
+use crate::config::{SerialConfig, VmConfig};
 use crate::kvm_vm::{KvmVm, VmError};
 use crate::loader::{GuestImage, LoaderError};
 use crate::machine::{Machine, MachineError, MachineGuard};
@@ -131,14 +131,7 @@ fn start_qmp(config: &VmConfig) -> Result<Option<(QmpServer, Arc<OobContext>)>, 
     let (major, minor, micro) = QEMU_VERSION;
     let server = QmpServer::start(
         ServerConfig {
-            addrs: config
-                .qmp
-                .iter()
-                .map(|addr| match addr {
-                    QmpAddress::Unix(path) => qmp::ListenAddr::Unix(path.clone()),
-                    QmpAddress::Tcp(hostport) => qmp::ListenAddr::Tcp(hostport.clone()),
-                })
-                .collect(),
+            addrs: config.qmp.clone(),
             version: qmp::VersionInfo {
                 major: major as u32,
                 minor: minor as u32,
