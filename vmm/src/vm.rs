@@ -95,8 +95,13 @@ impl Vm {
         image: GuestImage,
         name: Option<String>,
     ) -> std::io::Result<Self> {
+        // Every vCPU looks at its request before its first KVM_RUN (it may start paused).
         let kicks = (0..machine.vcpus.len())
-            .map(|_| VcpuKick::default())
+            .map(|_| {
+                let kick = VcpuKick::default();
+                kick.request_attention();
+                kick
+            })
             .collect();
         Ok(Vm {
             lock: BigLock::new(machine),
