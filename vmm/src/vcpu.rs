@@ -388,12 +388,14 @@ enum Stop {
     InternalError(String),
 }
 
-/// The vCPU thread's body.
-pub fn run_vcpu(mut vcpu: Vcpu, vm: Arc<Vm>) {
+/// The vCPU thread's body. `started` is told once the thread id is published.
+pub fn run_vcpu(mut vcpu: Vcpu, vm: Arc<Vm>, started: std::sync::mpsc::Sender<u8>) {
     let index = usize::from(vcpu.index);
     // SAFETY: gettid has no preconditions.
     let tid = unsafe { libc::gettid() };
     let _ = vm.kick(index).tid.set(tid);
+    // The spawner may have given up waiting; nothing to do then.
+    let _ = started.send(vcpu.index);
     KVM_RUN.with(|run| run.set(vcpu.fd.get_kvm_run() as *mut kvm_run));
     loop {
         if vm.kick(index).needs_attention() {

@@ -81,7 +81,7 @@ pub enum Error {
     BadState(RunState),
 }
 
-/// The eventfd the termination signal handler writes to (-1 until the event loop runs).
+/// The eventfd the termination signal handler writes to (-1 while there is none).
 static SIGNAL_EVENT_FD: AtomicI32 = AtomicI32::new(-1);
 
 extern "C" fn handle_terminate(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
@@ -89,7 +89,7 @@ extern "C" fn handle_terminate(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut 
     if fd >= 0 {
         let one = 1u64.to_ne_bytes();
         // SAFETY: write(2) is async-signal-safe; the buffer is a live 8-byte array and the fd
-        // is the signal eventfd, open for as long as the event loop runs.
+        // is a TerminateSignal's eventfd, open until that value dropped and reset this.
         unsafe { libc::write(fd, one.as_ptr().cast(), one.len()) };
     }
 }
@@ -100,6 +100,7 @@ pub struct Vmm {
     vcpus: Vec<Vcpu>,
     serial: SerialConfig,
     qmp: Option<(QmpServer, Arc<OobContext>)>,
+    signal: TerminateSignal,
     no_reboot: bool,
 }
 
@@ -148,6 +149,9 @@ impl Vmm {
     /// Builds the VM: QMP monitors, guest memory, KVM VM, devices, vCPUs, and the guest
     /// loaded at its entry point. Nothing runs until [`Vmm::run`].
     pub fn new(config: VmConfig) -> Result<Self, Error> {
+        // Termination signals are caught before anything else (QMP clients may connect from
+        // here on); one that arrives before the event loop runs is handled when it starts.
+        let signal = TerminateSignal::install()?;
         let qmp = start_qmp(&config)?;
         let image = GuestImage {
             kernel: config.kernel.clone(),
@@ -197,6 +201,7 @@ impl Vmm {
             vcpus,
             serial: config.serial,
             qmp,
+            signal,
             no_reboot: config.no_reboot,
         })
     }
@@ -215,6 +220,7 @@ impl Vmm {
             vcpus,
             serial,
             qmp,
+            signal,
             no_reboot,
         } = self;
         vcpu::install_kick_handler()?;
@@ -224,8 +230,6 @@ impl Vmm {
         };
         let mut event_manager = EventManager::<Arc<Mutex<dyn MutEventSubscriber + Send>>>::new()
             .map_err(|e| Error::EventLoop(format!("{e:?}")))?;
-        let signal = EventFd::new(libc::EFD_NONBLOCK)?;
-        install_terminate_handlers(&signal);
         event_manager.add_subscriber(Arc::new(Mutex::new(ControlHandler {
             vm: vm.clone(),
             signal,
@@ -252,7 +256,6 @@ impl Vmm {
                 break Ok(code);
             }
         };
-        SIGNAL_EVENT_FD.store(-1, Ordering::Release);
         vm.stop_vcpu_threads(&mut vm.lock());
         for thread in threads {
             if thread.join().is_err() {
@@ -296,29 +299,53 @@ fn serial_backend_for(vm: &Arc<Vm>, serial: &SerialConfig) -> Result<Option<Seri
     })
 }
 
-fn install_terminate_handlers(signal: &EventFd) {
-    use std::os::fd::AsRawFd;
-    SIGNAL_EVENT_FD.store(signal.as_raw_fd(), Ordering::Release);
-    for signal in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP] {
-        if let Err(e) = vmm_sys_util::signal::register_signal_handler(signal, handle_terminate) {
-            log::warn!("cannot handle signal {signal}: {e}");
+/// SIGTERM, SIGINT and SIGHUP turned into an eventfd the event loop watches. Dropping it
+/// detaches the handler from the eventfd before the eventfd closes.
+struct TerminateSignal {
+    event: EventFd,
+}
+
+impl TerminateSignal {
+    fn install() -> std::io::Result<Self> {
+        use std::os::fd::AsRawFd;
+        let event = EventFd::new(libc::EFD_NONBLOCK)?;
+        SIGNAL_EVENT_FD.store(event.as_raw_fd(), Ordering::Release);
+        for signal in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP] {
+            if let Err(e) = vmm_sys_util::signal::register_signal_handler(signal, handle_terminate)
+            {
+                log::warn!("cannot handle signal {signal}: {e}");
+            }
         }
+        Ok(TerminateSignal { event })
+    }
+}
+
+impl Drop for TerminateSignal {
+    fn drop(&mut self) {
+        SIGNAL_EVENT_FD.store(-1, Ordering::Release);
     }
 }
 
 fn spawn_vcpu_threads(vm: &Arc<Vm>, vcpus: Vec<Vcpu>) -> Result<Vec<JoinHandle<()>>, Error> {
     let mut threads = Vec::with_capacity(vcpus.len());
+    // Each thread reports once it has published its thread id, so that monitors asking for
+    // vCPU thread ids (query-cpus-fast) never see a vCPU without one.
+    let (started_tx, started_rx) = std::sync::mpsc::channel();
     for vcpu in vcpus {
         let index = vcpu.index();
         let thread_vm = vm.clone();
+        let started = started_tx.clone();
         let handle = std::thread::Builder::new()
             .name(format!("vcpu{index}"))
-            .spawn(move || vcpu::run_vcpu(vcpu, thread_vm))
+            .spawn(move || vcpu::run_vcpu(vcpu, thread_vm, started))
             .map_err(|source| VcpuError::Spawn { index, source })?;
         vm.kick(usize::from(index))
             .set_thread(handle.as_pthread_t());
         threads.push(handle);
     }
+    drop(started_tx);
+    // Ends early only if a thread died before reporting; its join then reports it.
+    for _ in started_rx.iter().take(threads.len()) {}
     Ok(threads)
 }
 
@@ -358,7 +385,7 @@ const TOKEN_SIGNAL: u32 = 3;
 /// signals) asks of the whole VM: reset, power button, shutdown, internal errors.
 struct ControlHandler {
     vm: Arc<Vm>,
-    signal: EventFd,
+    signal: TerminateSignal,
     exit_on_internal_error: bool,
     no_reboot: bool,
 }
@@ -460,7 +487,7 @@ impl MutEventSubscriber for ControlHandler {
             TOKEN_VCPU => self.handle_vcpu_event(),
             TOKEN_CONTROL => self.handle_actions(),
             TOKEN_SIGNAL => {
-                let _ = self.signal.read();
+                let _ = self.signal.event.read();
                 log::warn!("terminating on signal");
                 let mut machine = self.vm.lock();
                 self.shut_down(&mut machine, false, ShutdownCause::HostSignal, 0);
@@ -474,7 +501,7 @@ impl MutEventSubscriber for ControlHandler {
             (self.vm.power().eventfd(), TOKEN_POWER),
             (self.vm.vcpu_event(), TOKEN_VCPU),
             (self.vm.control_event(), TOKEN_CONTROL),
-            (&self.signal, TOKEN_SIGNAL),
+            (&self.signal.event, TOKEN_SIGNAL),
         ];
         for (fd, token) in fds {
             if let Err(e) = ops.add(Events::with_data(fd, token, EventSet::IN)) {
