@@ -191,6 +191,20 @@ pub fn install_kick_handler() -> Result<(), VcpuError> {
         .map_err(VcpuError::SignalHandler)
 }
 
+/// The one-entry MSR list holding IA32_APIC_BASE with `data`.
+fn apic_base_msrs(index: u8, data: u64) -> Result<Msrs, VcpuError> {
+    Msrs::from_entries(&[kvm_bindings::kvm_msr_entry {
+        index: MSR_IA32_APICBASE,
+        data,
+        ..Default::default()
+    }])
+    .map_err(|_| VcpuError::Kvm {
+        index,
+        step: "cannot build the MSR list",
+        source: kvm_ioctls::Error::new(libc::ENOMEM),
+    })
+}
+
 /// vCPU state that KVM gives a new vCPU and a guest reset must restore.
 struct PowerOnState {
     lapic: kvm_bindings::kvm_lapic_state,
@@ -227,15 +241,7 @@ impl Vcpu {
         let mp_state = fd
             .get_mp_state()
             .map_err(step("cannot read the MP state"))?;
-        let mut msrs = Msrs::from_entries(&[kvm_bindings::kvm_msr_entry {
-            index: MSR_IA32_APICBASE,
-            ..Default::default()
-        }])
-        .map_err(|_| VcpuError::Kvm {
-            index,
-            step: "cannot build the MSR list",
-            source: kvm_ioctls::Error::new(libc::ENOMEM),
-        })?;
+        let mut msrs = apic_base_msrs(index, 0)?;
         fd.get_msrs(&mut msrs)
             .map_err(step("cannot read the APIC base"))?;
         let apic_base = msrs.as_slice()[0].data;
@@ -288,16 +294,7 @@ impl Vcpu {
                 source,
             }
         };
-        let apic_base = Msrs::from_entries(&[kvm_bindings::kvm_msr_entry {
-            index: MSR_IA32_APICBASE,
-            data: self.power_on.apic_base,
-            ..Default::default()
-        }])
-        .map_err(|_| VcpuError::Kvm {
-            index,
-            step: "cannot build the MSR list",
-            source: kvm_ioctls::Error::new(libc::ENOMEM),
-        })?;
+        let apic_base = apic_base_msrs(index, self.power_on.apic_base)?;
         self.fd
             .set_msrs(&apic_base)
             .map_err(step("cannot restore the APIC base"))?;
