@@ -64,14 +64,14 @@ fn guest_artifacts() -> GuestArtifacts {
 }
 
 /// Starts skiff on the guest with 512 MiB, 2 vCPUs, serial console on stdout.
-fn boot(guest: &GuestArtifacts) -> Skiff {
+fn boot(guest: &GuestArtifacts, cmdline: &str) -> Skiff {
     Skiff::spawn([
         "--kernel".as_ref(),
         guest.vmlinux.as_os_str(),
         "--initrd".as_ref(),
         guest.initramfs.as_os_str(),
         "--cmdline".as_ref(),
-        guest.cmdline.as_ref(),
+        cmdline.as_ref(),
         "--memory".as_ref(),
         "512M".as_ref(),
         "--cpus".as_ref(),
@@ -170,29 +170,32 @@ fn expect_in_order(skiff: &mut Skiff, expected: &[Expect], started: Instant, dea
 }
 
 /// Boots Linux up to the initramfs, checking the boot protocol, the command line, the e820
-/// map, the CPU count from the MP table, the serial console and the initramfs unpacking, in
-/// the order the kernel prints them. Stops as soon as the last line is seen.
+/// map, the ACPI tables (MADT CPUs, the power button), the secondary CPU coming up, the serial
+/// console and the initramfs unpacking, in the order the kernel prints them. Stops as soon as
+/// the last line is seen.
 #[test]
 fn linux_boots_to_initramfs() {
     let _t = TestTimer::start("linux_boots_to_initramfs");
     let guest = guest_artifacts();
     let started = Instant::now();
-    let mut skiff = boot(&guest);
+    let mut skiff = boot(&guest, &guest.cmdline);
     let expected = [
         Expect::Contains("Linux version 6.1"),
         Expect::Exactly("Command line: ", guest.cmdline.clone()),
         Expect::Contains("BIOS-e820: [mem 0x0000000000000000-0x000000000009fbff] usable"),
         Expect::Contains("BIOS-e820: [mem 0x000000000009fc00-"),
         Expect::Contains("BIOS-e820: [mem 0x0000000000100000-0x000000001fffffff] usable"),
-        // arch/x86/kernel/mpparse.c, after parsing the VMM's MP table.
-        Expect::Contains("Processor #0 (Bootup-CPU)"),
-        Expect::Contains("Processor #1"),
-        Expect::Contains("Processors: 2"),
+        // The MP table is found, but with ACPI tables present the MADT describes the CPUs.
+        Expect::Contains("found SMP MP-table at [mem 0x0009fc00-0x0009fc0f]"),
+        Expect::Contains("ACPI: Using ACPI (MADT) for SMP configuration information"),
         // arch/x86/kernel/smpboot.c, prefill_possible_map().
         Expect::Contains("smpboot: Allowing 2 CPUs, 0 hotplug CPUs"),
         Expect::Contains("printk: console [ttyS0] enabled"),
+        Expect::Contains("smp: Brought up 1 node, 2 CPUs"),
         Expect::Contains("Unpacking initramfs"),
         Expect::Contains("Freeing initrd memory"),
+        // drivers/acpi/button.c: the DSDT's PNP0C0C device behind the GED.
+        Expect::Contains("ACPI: button: Power Button [PWRB]"),
     ];
     expect_in_order(&mut skiff, &expected, started, started + INITRAMFS_DEADLINE);
     // The reserved entry right after the low RAM must say so.
@@ -213,6 +216,31 @@ fn linux_boots_to_initramfs() {
     );
 }
 
+/// Boots Linux without ACPI (`acpi=off`), so the kernel takes its CPUs from the VMM's MP
+/// table, and checks that both CPUs come up. Stops once they have.
+#[test]
+fn linux_brings_up_cpus_from_the_mp_table() {
+    let _t = TestTimer::start("linux_brings_up_cpus_from_the_mp_table");
+    let guest = guest_artifacts();
+    let started = Instant::now();
+    let cmdline = format!("{} acpi=off", guest.cmdline);
+    let mut skiff = boot(&guest, &cmdline);
+    let expected = [
+        Expect::Exactly("Command line: ", cmdline.clone()),
+        // arch/x86/kernel/mpparse.c, after parsing the VMM's MP table.
+        Expect::Contains("Processor #0 (Bootup-CPU)"),
+        Expect::Contains("Processor #1"),
+        Expect::Contains("Processors: 2"),
+        Expect::Contains("smp: Brought up 1 node, 2 CPUs"),
+    ];
+    expect_in_order(&mut skiff, &expected, started, started + INITRAMFS_DEADLINE);
+    skiff.kill();
+    eprintln!(
+        "linux_brings_up_cpus_from_the_mp_table: both CPUs up after {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+}
+
 /// Boots Linux to its /init, which prints [`INIT_MARKER`]. Needs hardware-assisted KVM.
 #[test]
 fn linux_boots_to_init() {
@@ -228,7 +256,7 @@ fn linux_boots_to_init() {
     }
     let guest = guest_artifacts();
     let started = Instant::now();
-    let mut skiff = boot(&guest);
+    let mut skiff = boot(&guest, &guest.cmdline);
     expect_in_order(
         &mut skiff,
         &[
