@@ -16,5 +16,8 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 echo "== cargo test"
 # The integration tests boot real guests; they print SKIPPED lines (never a pass) when this
 # host cannot run what they need.
-cargo test --workspace --locked
-echo "test.sh: all tests passed in $((SECONDS - start)) s"
+# (--lib --bins --tests: every unit and integration test; benches and doctests are not tests.)
+log=resources/build/test.log
+cargo test --workspace --locked --lib --bins --tests 2>&1 | tee "$log"
+echo "test.sh: finished in $((SECONDS - start)) s"
+awk '/^test result:/ { p += $4; f += $6 } END { printf "tests: %d passed, %d failed\n", p, f }' "$log"
