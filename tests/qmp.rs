@@ -289,6 +289,15 @@ fn expect_line(vm: &Vm, client: &mut QmpClient, expected: &str) {
     }
 }
 
+/// Sends `command` with `id` and asserts QEMU's order: the run-state `event` first, then an
+/// empty reply.
+fn run_state_change(vm: &Vm, client: &mut QmpClient, command: &str, id: &str, event: &str) {
+    vm.ok(client.send(&json!({"execute": command, "id": id})));
+    let msg = vm.ok(client.read_message(DEFAULT_TIMEOUT));
+    assert_event(vm, &msg, event, None);
+    expect_return(vm, client, &json!(id), &json!({}));
+}
+
 /// Reads the next message and asserts it is the reply `{"return": ret, "id": id}`.
 fn expect_return(vm: &Vm, client: &mut QmpClient, id: &Value, ret: &Value) {
     let msg = vm.ok(client.read_message(DEFAULT_TIMEOUT));
@@ -782,10 +791,7 @@ fn run_state_transitions() {
     );
 
     // cont: RESUME, then the reply.
-    vm.ok(c.send(&json!({"execute": "cont", "id": "cont-1"})));
-    let event = vm.ok(c.read_message(DEFAULT_TIMEOUT));
-    assert_event(&vm, &event, "RESUME", None);
-    expect_return(&vm, &mut c, &json!("cont-1"), &json!({}));
+    run_state_change(&vm, &mut c, "cont", "cont-1", "RESUME");
     vm.wait_ready(1);
     assert_eq!(
         vm.ok(c.execute("query-status", Value::Null)),
@@ -798,10 +804,7 @@ fn run_state_transitions() {
     expect_return(&vm, &mut c, &json!("cont-2"), &json!({}));
 
     // stop: STOP, then the reply.
-    vm.ok(c.send(&json!({"execute": "stop", "id": "stop-1"})));
-    let event = vm.ok(c.read_message(DEFAULT_TIMEOUT));
-    assert_event(&vm, &event, "STOP", None);
-    expect_return(&vm, &mut c, &json!("stop-1"), &json!({}));
+    run_state_change(&vm, &mut c, "stop", "stop-1", "STOP");
     assert_eq!(
         vm.ok(c.execute("query-status", Value::Null)),
         json!({"status": "paused", "running": false})
@@ -813,10 +816,7 @@ fn run_state_transitions() {
     expect_return(&vm, &mut c, &json!("stop-2"), &json!({}));
 
     // And back.
-    vm.ok(c.send(&json!({"execute": "cont", "id": "cont-3"})));
-    let event = vm.ok(c.read_message(DEFAULT_TIMEOUT));
-    assert_event(&vm, &event, "RESUME", None);
-    expect_return(&vm, &mut c, &json!("cont-3"), &json!({}));
+    run_state_change(&vm, &mut c, "cont", "cont-3", "RESUME");
     assert_eq!(
         vm.ok(c.execute("query-status", Value::Null)),
         json!({"status": "running", "running": true})
