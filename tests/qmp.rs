@@ -1109,6 +1109,73 @@ fn system_powerdown_event() {
     );
 }
 
+/// A KVM internal error with a monitor attached: the VM stops in `internal-error` (STOP),
+/// `cont` needs a reset first, and `system_reset` brings the guest back (it then waits in
+/// `prelaunch` for `cont`, as QEMU). Needs an instruction this KVM cannot emulate.
+#[test]
+fn internal_error_state() {
+    let _t = TestTimer::start("internal_error_state");
+    let dir = TempDir::new("internal-error-qmp");
+    let kernel = write_guest(dir.path(), "popcnt.elf", |a| {
+        a.print("ready\n")?;
+        a.popcnt(eax, ebx)?;
+        a.print("survived\n")?;
+        a.halt_forever()
+    });
+    let vm = Vm::start(dir, &kernel, 1, &[]);
+    let mut c = vm.open(0, false);
+    vm.wait_ready(1);
+    let deadline = Instant::now() + START_TIMEOUT;
+    let status = loop {
+        let status = vm.ok(c.execute("query-status", Value::Null));
+        if status["status"] != "running" || Instant::now() >= deadline {
+            break status;
+        }
+        if vm.skiff.stdout_text().contains("survived") {
+            eprintln!(
+                "SKIPPED: this host's KVM executed popcnt natively (hardware-assisted), so \
+                 there is no internal error to observe"
+            );
+            return;
+        }
+        thread::sleep(Duration::from_millis(5));
+    };
+    assert_eq!(
+        status,
+        json!({"status": "internal-error", "running": false})
+    );
+    // STOP came before the query-status reply (it may have been collected on the way).
+    let event = vm.ok(c.wait_event("STOP", DEFAULT_TIMEOUT));
+    assert_event(&vm, &event, "STOP", None);
+    assert!(
+        vm.skiff.stderr_text().contains("rip="),
+        "no internal-error line on stderr\n{}",
+        vm.skiff.dump()
+    );
+    assert_eq!(
+        vm.ok(c.execute_err("cont", Value::Null)),
+        (
+            "GenericError".to_string(),
+            "Resetting the Virtual Machine is required".to_string()
+        )
+    );
+    vm.ok(c.send(&json!({"execute": "system_reset", "id": "r"})));
+    expect_return(&vm, &mut c, &json!("r"), &json!({}));
+    let event = vm.ok(c.read_message(DEFAULT_TIMEOUT));
+    assert_event(
+        &vm,
+        &event,
+        "RESET",
+        Some(json!({"guest": false, "reason": "host-qmp-system-reset"})),
+    );
+    assert_eq!(
+        vm.ok(c.execute("query-status", Value::Null)),
+        json!({"status": "prelaunch", "running": false})
+    );
+    run_state_change(&vm, &mut c, "cont", "c", "RESUME");
+    vm.wait_ready(2);
+}
+
 /// quit: the reply, SHUTDOWN (host-qmp-quit), EOF; skiff exits 0 and removes its socket.
 #[test]
 fn quit_exits_cleanly() {
