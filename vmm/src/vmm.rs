@@ -393,7 +393,9 @@ struct ControlHandler {
 impl ControlHandler {
     fn act(&self, machine: &mut MachineGuard<'_>, action: VmAction) {
         match action {
-            VmAction::Reset { guest, reason } if !(guest && self.no_reboot) => {
+            // With --no-reboot every reset, the guest's or the host's, ends the VMM (QEMU's
+            // -no-reboot does the same).
+            VmAction::Reset { guest, reason } if !self.no_reboot => {
                 match self.vm.reset_guest(machine) {
                     Ok(()) => self.vm.emit(Event::Reset { guest, reason }),
                     Err(e) => {
