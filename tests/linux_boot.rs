@@ -170,8 +170,9 @@ fn expect_in_order(skiff: &mut Skiff, expected: &[Expect], started: Instant, dea
 }
 
 /// Boots Linux up to the initramfs, checking the boot protocol, the command line, the e820
-/// map, the ACPI tables (MADT CPUs, the power button), the secondary CPU coming up, the serial
-/// console and the initramfs unpacking, in the order the kernel prints them. Stops as soon as
+/// map, the ACPI tables (MADT CPUs, the power button, the RTC with the host's date), the
+/// secondary CPU coming up, the serial console and the initramfs unpacking, in the order the
+/// kernel prints them. Stops as soon as
 /// the last line is seen.
 #[test]
 fn linux_boots_to_initramfs() {
@@ -196,6 +197,8 @@ fn linux_boots_to_initramfs() {
         Expect::Contains("Freeing initrd memory"),
         // drivers/acpi/button.c: the DSDT's PNP0C0C device behind the GED.
         Expect::Contains("ACPI: button: Power Button [PWRB]"),
+        // drivers/rtc/rtc-cmos.c via the DSDT's PNP0B00, then the RTC core reading the date.
+        Expect::Contains("setting system clock to "),
     ];
     expect_in_order(&mut skiff, &expected, started, started + INITRAMFS_DEADLINE);
     // The reserved entry right after the low RAM must say so.
@@ -207,6 +210,27 @@ fn linux_boots_to_initramfs() {
     assert!(
         reserved.as_deref().is_some_and(|l| l.ends_with("reserved")),
         "the e820 entry at 0x9fc00 should be reserved: {reserved:?}\n{}",
+        skiff.dump()
+    );
+    // The CMOS clock gave the host's real date: the kernel prints it as UNIX seconds.
+    let clock = out
+        .lines()
+        .find_map(|l| l.split("setting system clock to ").nth(1))
+        .and_then(|rest| {
+            rest.split_once('(')?
+                .1
+                .split_once(')')?
+                .0
+                .parse::<u64>()
+                .ok()
+        });
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    assert!(
+        clock.is_some_and(|c| c.abs_diff(now) < 600),
+        "the guest's RTC date ({clock:?}) is not the host's ({now})\n{}",
         skiff.dump()
     );
     skiff.kill();

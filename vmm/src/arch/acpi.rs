@@ -36,6 +36,7 @@ use devices::acpi::{
     GED_EVENT_REG_OFFSET, PM_REGISTER_BIT_WIDTH, PM_RESET_OFFSET, PM_SLEEP_CONTROL_OFFSET,
     PM_SLEEP_STATUS_OFFSET, SLP_TYP_S5,
 };
+use devices::legacy::cmos::{CMOS_PORT_BASE, CMOS_PORT_LEN};
 use devices::legacy::i8042::I8042_PORT_BASE;
 use devices::legacy::serial::{COM1_GSI, COM1_PORT_BASE, COM1_PORT_LEN};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryError, GuestMemoryMmap};
@@ -84,6 +85,11 @@ const IO_ALIGNMENT_FIXED: u8 = 0;
 const COM1_IO_LEN: u8 = {
     assert!(COM1_PORT_LEN <= u8::MAX as u64);
     COM1_PORT_LEN as u8
+};
+/// The CMOS RTC's port count as an I/O descriptor length.
+const CMOS_IO_LEN: u8 = {
+    assert!(CMOS_PORT_LEN <= u8::MAX as u64);
+    CMOS_PORT_LEN as u8
 };
 /// The GED register window as Memory32Fixed base (it sits below 4 GiB).
 const GED_WINDOW_BASE: u32 = {
@@ -250,6 +256,27 @@ fn ps2_keyboard_aml() -> Vec<u8> {
     ))
 }
 
+/// The CMOS RTC (`PNP0B00`) with its index/data ports. No interrupt: the device does not
+/// raise one, and Linux's rtc-cmos works without it. Hardware-reduced ACPI has no legacy
+/// device list, so without this entry Linux does not find the RTC.
+fn rtc_aml() -> Vec<u8> {
+    to_bytes(&aml::Device::new(
+        "RTC_".into(),
+        vec![
+            &aml::Name::new("_HID".into(), &aml::EISAName::new("PNP0B00")),
+            &aml::Name::new(
+                "_CRS".into(),
+                &aml::ResourceTemplate::new(vec![&aml::IO::new(
+                    CMOS_PORT_BASE,
+                    CMOS_PORT_BASE,
+                    IO_ALIGNMENT_FIXED,
+                    CMOS_IO_LEN,
+                )]),
+            ),
+        ],
+    ))
+}
+
 /// The control-method power button (`PNP0C0C`) the GED notifies.
 fn power_button_aml() -> Vec<u8> {
     to_bytes(&aml::Device::new(
@@ -347,6 +374,7 @@ fn dsdt_aml() -> Vec<u8> {
     let devices = [
         com1_aml(),
         ps2_keyboard_aml(),
+        rtc_aml(),
         power_button_aml(),
         ged_aml(),
         ged_registers_aml(),
@@ -703,8 +731,14 @@ mod tests {
         assert_eq!(body[13], 0x00);
         // Scope (\_SB_).
         assert_eq!(body[14], 0x10);
-        // _HID EISA ids: PNP0501, PNP0303, PNP0C0C, PNP0C02 (compressed, as dwords).
-        for id in [0x0105_d041u32, 0x0303_d041, 0x0c0c_d041, 0x020c_d041] {
+        // _HID EISA ids: PNP0501, PNP0303, PNP0B00, PNP0C0C, PNP0C02 (compressed, as dwords).
+        for id in [
+            0x0105_d041u32,
+            0x0303_d041,
+            0x000b_d041,
+            0x0c0c_d041,
+            0x020c_d041,
+        ] {
             let mut hid = vec![0x08, b'_', b'H', b'I', b'D', 0x0c];
             hid.extend_from_slice(&id.to_le_bytes());
             assert!(contains(body, &hid), "missing _HID {id:#x}");
