@@ -4,11 +4,12 @@
 set -euo pipefail
 
 # Debian packages: the guest kernel's build (see build-guest.sh), QEMU for side-by-side
-# figures and QMP comparisons, iproute2 for test network namespaces.
+# figures and QMP comparisons, iasl to check the ACPI tables Skiff generates.
 packages=(
     build-essential bc bison flex libelf-dev libssl-dev cpio xz-utils
     linux-source-6.1 busybox-static
     qemu-system-x86
+    acpica-tools
     python3 python3-venv
 )
 

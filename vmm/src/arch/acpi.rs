@@ -815,7 +815,7 @@ mod tests {
         let file = format!("{name}.dat");
         std::fs::write(dir.join(&file), table).unwrap();
         let Some((success, log)) = iasl(dir, &["-d", &file]) else {
-            println!("skipped: iasl (Debian package acpica-tools) is not installed");
+            println!("SKIPPED: iasl (Debian package acpica-tools) is not installed");
             return None;
         };
         let dsl = std::fs::read_to_string(dir.join(format!("{name}.dsl"))).unwrap_or_default();
