@@ -289,6 +289,14 @@ fn expect_line(vm: &Vm, client: &mut QmpClient, expected: &str) {
     }
 }
 
+/// Asserts `query-status` reports `status` (and `running` exactly when it is "running").
+fn assert_status(vm: &Vm, client: &mut QmpClient, status: &str) {
+    assert_eq!(
+        vm.ok(client.execute("query-status", Value::Null)),
+        json!({"status": status, "running": status == "running"})
+    );
+}
+
 /// Sends `command` with `id` and asserts QEMU's order: the run-state `event` first, then an
 /// empty reply.
 fn run_state_change(vm: &Vm, client: &mut QmpClient, command: &str, id: &str, event: &str) {
@@ -763,10 +771,7 @@ fn run_state_transitions() {
             json!({"command-line": "info status"}),
         ))
     };
-    assert_eq!(
-        vm.ok(c.execute("query-status", Value::Null)),
-        json!({"status": "prelaunch", "running": false})
-    );
+    assert_status(&vm, &mut c, "prelaunch");
     assert_eq!(hmp_status(&mut c), "VM status: paused (prelaunch)\r\n");
     // The vCPU threads exist (their thread ids are known once they run) and must stay
     // parked: nothing may reach the serial port before cont.
@@ -793,10 +798,7 @@ fn run_state_transitions() {
     // cont: RESUME, then the reply.
     run_state_change(&vm, &mut c, "cont", "cont-1", "RESUME");
     vm.wait_ready(1);
-    assert_eq!(
-        vm.ok(c.execute("query-status", Value::Null)),
-        json!({"status": "running", "running": true})
-    );
+    assert_status(&vm, &mut c, "running");
     assert_eq!(hmp_status(&mut c), "VM status: running\r\n");
 
     // cont while running: success, no event.
@@ -805,10 +807,7 @@ fn run_state_transitions() {
 
     // stop: STOP, then the reply.
     run_state_change(&vm, &mut c, "stop", "stop-1", "STOP");
-    assert_eq!(
-        vm.ok(c.execute("query-status", Value::Null)),
-        json!({"status": "paused", "running": false})
-    );
+    assert_status(&vm, &mut c, "paused");
     assert_eq!(hmp_status(&mut c), "VM status: paused\r\n");
 
     // stop while paused: success, no event.
@@ -817,10 +816,7 @@ fn run_state_transitions() {
 
     // And back.
     run_state_change(&vm, &mut c, "cont", "cont-3", "RESUME");
-    assert_eq!(
-        vm.ok(c.execute("query-status", Value::Null)),
-        json!({"status": "running", "running": true})
-    );
+    assert_status(&vm, &mut c, "running");
     vm.ok(c.expect_silence(QUIET));
     assert_eq!(vm.skiff.stdout_text(), "ready\n", "the guest booted twice?");
 }
@@ -1026,10 +1022,7 @@ fn system_reset_reboots_guest() {
         Some(json!({"guest": false, "reason": "host-qmp-system-reset"})),
     );
     vm.wait_ready(2);
-    assert_eq!(
-        vm.ok(c.execute("query-status", Value::Null)),
-        json!({"status": "running", "running": true})
-    );
+    assert_status(&vm, &mut c, "running");
 
     // Reset while paused: prelaunch, and the guest runs again only after cont.
     vm.ok(c.execute("stop", Value::Null));
@@ -1043,10 +1036,7 @@ fn system_reset_reboots_guest() {
         "RESET",
         Some(json!({"guest": false, "reason": "host-qmp-system-reset"})),
     );
-    assert_eq!(
-        vm.ok(c.execute("query-status", Value::Null)),
-        json!({"status": "prelaunch", "running": false})
-    );
+    assert_status(&vm, &mut c, "prelaunch");
     vm.ok(c.expect_silence(QUIET));
     assert_eq!(vm.skiff.stdout_text(), "ready\nready\n");
     vm.ok(c.execute("cont", Value::Null));
@@ -1086,10 +1076,7 @@ fn guest_reset_event() {
         Some(json!({"guest": true, "reason": "guest-reset"})),
     );
     vm.wait_ready(1);
-    assert_eq!(
-        vm.ok(c.execute("query-status", Value::Null)),
-        json!({"status": "running", "running": true})
-    );
+    assert_status(&vm, &mut c, "running");
 }
 
 /// system_powerdown: the reply, then POWERDOWN without data; the (ACPI-less) guest keeps
@@ -1103,10 +1090,7 @@ fn system_powerdown_event() {
     expect_return(&vm, &mut c, &json!("p"), &json!({}));
     let event = vm.ok(c.read_message(DEFAULT_TIMEOUT));
     assert_event(&vm, &event, "POWERDOWN", None);
-    assert_eq!(
-        vm.ok(c.execute("query-status", Value::Null)),
-        json!({"status": "running", "running": true})
-    );
+    assert_status(&vm, &mut c, "running");
 }
 
 /// A KVM internal error with a monitor attached: the VM stops in `internal-error` (STOP),
@@ -1168,10 +1152,7 @@ fn internal_error_state() {
         "RESET",
         Some(json!({"guest": false, "reason": "host-qmp-system-reset"})),
     );
-    assert_eq!(
-        vm.ok(c.execute("query-status", Value::Null)),
-        json!({"status": "prelaunch", "running": false})
-    );
+    assert_status(&vm, &mut c, "prelaunch");
     run_state_change(&vm, &mut c, "cont", "c", "RESUME");
     vm.wait_ready(2);
 }
