@@ -306,6 +306,12 @@ fn run_state_change(vm: &Vm, client: &mut QmpClient, command: &str, id: &str, ev
     expect_return(vm, client, &json!(id), &json!({}));
 }
 
+/// Reads the next message and asserts it is a GenericError without `id` (what input that
+/// is not a valid request gets).
+fn expect_parse_error(vm: &Vm, client: &mut QmpClient, desc: &str) {
+    expect_error(vm, client, None, "GenericError", desc);
+}
+
 /// Reads the next message and asserts it is the reply `{"return": ret, "id": id}`.
 fn expect_return(vm: &Vm, client: &mut QmpClient, id: &Value, ret: &Value) {
     let msg = vm.ok(client.read_message(DEFAULT_TIMEOUT));
@@ -437,13 +443,7 @@ fn greeting_and_negotiation() {
     }
     // Malformed input still gets the ordinary errors.
     vm.ok(c.send_raw(b"{}"));
-    expect_error(
-        &vm,
-        &mut c,
-        None,
-        "GenericError",
-        "QMP input lacks member 'execute'",
-    );
+    expect_parse_error(&vm, &mut c, "QMP input lacks member 'execute'");
 
     // Bad capability values and arguments.
     vm.ok(c.send(
@@ -1414,34 +1414,16 @@ fn nesting_depth_limit() {
 
     // Opening brackets only: one error, and the parser starts over.
     vm.ok(c.send_raw("[".repeat(1025).as_bytes()));
-    expect_error(
-        &vm,
-        &mut c,
-        None,
-        "GenericError",
-        "JSON nesting depth limit exceeded",
-    );
+    expect_parse_error(&vm, &mut c, "JSON nesting depth limit exceeded");
     probe(&vm, &mut c, "after-open");
 
     // Balanced 1025 levels: the limit error, then one error per stray closing bracket.
     let mut balanced = "[".repeat(1025);
     balanced.push_str(&"]".repeat(1025));
     vm.ok(c.send_raw(balanced.as_bytes()));
-    expect_error(
-        &vm,
-        &mut c,
-        None,
-        "GenericError",
-        "JSON nesting depth limit exceeded",
-    );
+    expect_parse_error(&vm, &mut c, "JSON nesting depth limit exceeded");
     for _ in 0..1025 {
-        expect_error(
-            &vm,
-            &mut c,
-            None,
-            "GenericError",
-            "JSON parse error, expecting value",
-        );
+        expect_parse_error(&vm, &mut c, "JSON parse error, expecting value");
     }
     probe(&vm, &mut c, "after-balanced");
 
@@ -1449,13 +1431,7 @@ fn nesting_depth_limit() {
     let mut max = "[".repeat(1024);
     max.push_str(&"]".repeat(1024));
     vm.ok(c.send_raw(max.as_bytes()));
-    expect_error(
-        &vm,
-        &mut c,
-        None,
-        "GenericError",
-        "QMP input must be a JSON object",
-    );
+    expect_parse_error(&vm, &mut c, "QMP input must be a JSON object");
     probe(&vm, &mut c, "end");
 }
 
