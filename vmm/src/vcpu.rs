@@ -118,11 +118,22 @@ impl VcpuSlot {
 
 /// Lock-free per-vCPU signalling: the attention flag the vCPU checks before each KVM_RUN and
 /// the thread to signal.
-#[derive(Default)]
 pub struct VcpuKick {
     attention: AtomicBool,
     thread: OnceLock<libc::pthread_t>,
     tid: OnceLock<i32>,
+}
+
+impl Default for VcpuKick {
+    /// A new vCPU's kick handle, with attention set: the vCPU looks at its request before its
+    /// first KVM_RUN (it may have been created paused).
+    fn default() -> Self {
+        VcpuKick {
+            attention: AtomicBool::new(true),
+            thread: OnceLock::new(),
+            tid: OnceLock::new(),
+        }
+    }
 }
 
 impl VcpuKick {

@@ -95,13 +95,8 @@ impl Vm {
         image: GuestImage,
         name: Option<String>,
     ) -> std::io::Result<Self> {
-        // Every vCPU looks at its request before its first KVM_RUN (it may start paused).
         let kicks = (0..machine.vcpus.len())
-            .map(|_| {
-                let kick = VcpuKick::default();
-                kick.request_attention();
-                kick
-            })
+            .map(|_| VcpuKick::default())
             .collect();
         Ok(Vm {
             lock: BigLock::new(machine),
