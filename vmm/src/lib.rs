@@ -15,6 +15,7 @@ pub mod migration;
 pub mod monitor;
 pub mod runstate;
 pub mod serial_backend;
+pub mod uffd;
 pub mod vcpu;
 pub mod vm;
 pub mod vmm;
