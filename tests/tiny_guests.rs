@@ -22,7 +22,13 @@ use common::guest::{
     self, ap_trampoline, write_guest, Asm, AsmResult, Image, AP_SIPI_VECTOR, AP_TRAMPOLINE_ADDR,
     CMOS_BOOT_COUNTER, DATA_AREA,
 };
+use common::migration_guest::{
+    check_guest_ram, migration_guest, pass_counter, write_migration_guest, MIG_END,
+    MIG_HEARTBEAT_PASSES, MIG_PAGES, MIG_PAGE_SIZE, MIG_PASS_COUNTER_OFFSET,
+    MIG_REPORTED_BAD_PAGES, MIG_START,
+};
 use common::process::{connect_unix, read_until, run, run_guest, Skiff, TestTimer};
+use common::qmp_client::QmpClient;
 use common::TempDir;
 
 /// Hard timeout of a tiny guest run (they normally end in well under a second).
@@ -73,6 +79,79 @@ fn helper_gdt_and_trampoline() {
         &tramp[0x102..0x106],
         &((AP_TRAMPOLINE_ADDR + 0x108) as u32).to_le_bytes()
     );
+}
+
+/// Synthetic RAM images for [`check_guest_ram`]: `values[i]` is the first byte of page `i`; the
+/// rest of each page holds a filler the check must ignore.
+fn synthetic_ram(values: &[u8]) -> Vec<u8> {
+    let page = MIG_PAGE_SIZE as usize;
+    let mut mem = vec![0xa5u8; values.len() * page];
+    for (i, v) in values.iter().enumerate() {
+        mem[i * page] = *v;
+    }
+    mem
+}
+
+/// `check_guest_ram` accepts a finished pass and one cursor edge (also across 255 -> 0), and
+/// rejects stale pages, a second edge, a step the wrong way and malformed lengths.
+#[test]
+fn helper_check_guest_ram() {
+    // Good: a whole pass done (all equal), and mid-pass (v + 1 before the cursor, v after).
+    check_guest_ram(&synthetic_ram(&[7; 64])).unwrap();
+    check_guest_ram(&synthetic_ram(&[8, 8, 8, 7, 7, 7])).unwrap();
+    // The edge at the very first or last page.
+    check_guest_ram(&synthetic_ram(&[8, 7, 7, 7])).unwrap();
+    check_guest_ram(&synthetic_ram(&[8, 8, 8, 7])).unwrap();
+    // Wrapped: pages before the cursor went 255 -> 0.
+    check_guest_ram(&synthetic_ram(&[0, 0, 0, 255, 255])).unwrap();
+    check_guest_ram(&synthetic_ram(&[255; 3])).unwrap();
+
+    // One stale page (lost dirty page) two passes behind: itself and the step back up.
+    let err = check_guest_ram(&synthetic_ram(&[9, 9, 9, 7, 9, 9])).unwrap_err();
+    assert!(err.contains("2 bad page(s) of 6"), "{err}");
+    assert!(
+        err.contains("page 3 (offset 0x3000, guest 0x403000)"),
+        "{err}"
+    );
+    // One stale page one pass behind in a finished pass: looks like an edge, then the step
+    // back up is bad (QEMU's rule).
+    let err = check_guest_ram(&synthetic_ram(&[9, 9, 8, 9, 9])).unwrap_err();
+    assert!(err.contains("1 bad page(s)"), "{err}");
+    assert!(err.contains("page 3 "), "{err}");
+    // Two edges: the second is bad.
+    let err = check_guest_ram(&synthetic_ram(&[9, 9, 8, 8, 7, 7])).unwrap_err();
+    assert!(err.contains("1 bad page(s)"), "{err}");
+    assert!(err.contains("page 4 "), "{err}");
+    // A step up (a page ahead of the cursor) is never an edge.
+    let err = check_guest_ram(&synthetic_ram(&[7, 7, 8, 8])).unwrap_err();
+    assert!(err.contains("1 bad page(s)"), "{err}");
+    // Only the first ten bad pages are listed, then the count of the others.
+    let noisy: Vec<u8> = (0..40).map(|i| if i % 2 == 0 { 1 } else { 50 }).collect();
+    let err = check_guest_ram(&synthetic_ram(&noisy)).unwrap_err();
+    assert!(err.contains("39 bad page(s) of 40"), "{err}");
+    assert_eq!(
+        err.matches("\n  page ").count(),
+        MIG_REPORTED_BAD_PAGES,
+        "{err}"
+    );
+    assert!(err.ends_with("... and 29 more"), "{err}");
+    // Lengths that are not whole pages.
+    assert!(check_guest_ram(&[]).is_err());
+    assert!(check_guest_ram(&[0; 4097]).is_err());
+}
+
+/// The migration guest's layout constants agree with each other.
+#[test]
+fn helper_migration_guest_layout() {
+    assert_eq!(MIG_PAGES, 1024);
+    assert_eq!(MIG_PASS_COUNTER_OFFSET, 8);
+    let mut mem = vec![0u8; MIG_PAGE_SIZE as usize];
+    mem[8..16].copy_from_slice(&0x0102_0304_0506_0708u64.to_le_bytes());
+    assert_eq!(pass_counter(&mem), 0x0102_0304_0506_0708);
+    // The guest assembles.
+    let mut a = Asm::new64();
+    migration_guest(&mut a).unwrap();
+    assert!(!a.assemble(LOAD_ADDR).is_empty());
 }
 
 /// `Image::place` pads gaps with zeros.
@@ -1012,5 +1091,97 @@ fn cli_too_many_cpus() {
         done.stderr.contains("33"),
         "the error should name the value\n{}",
         done.dump()
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// The migration test guest (QEMU's a-b guest), run without migrating.
+// ---------------------------------------------------------------------------------------------
+
+/// How long the migration guest runs before it is stopped.
+const MIG_GUEST_RUN: Duration = Duration::from_secs(2);
+
+/// Reads the walked range of a stopped guest with `pmemsave` into `dir/name`.
+fn pmemsave_range(skiff: &Skiff, qmp: &mut QmpClient, dir: &TempDir, name: &str) -> Vec<u8> {
+    let file = dir.join(name);
+    qmp.execute(
+        "pmemsave",
+        serde_json::json!({"val": MIG_START, "size": MIG_END - MIG_START,
+            "filename": file.display().to_string()}),
+    )
+    .unwrap_or_else(|e| panic!("pmemsave: {e}\n{}", skiff.dump()));
+    let mem = std::fs::read(&file).unwrap_or_else(|e| panic!("reading {}: {e}", file.display()));
+    assert_eq!(mem.len() as u64, MIG_END - MIG_START, "pmemsave size");
+    mem
+}
+
+/// The migration guest runs about 2 s, is stopped with QMP `stop`, and its range (read with
+/// `pmemsave`) passes `check_guest_ram`; it made progress, printed `A` then one `B` per
+/// MIG_HEARTBEAT_PASSES passes, and stays unchanged while stopped. Prints the time per pass.
+#[test]
+fn migration_guest_ram_is_consistent() {
+    let _t = TestTimer::start("migration_guest_ram_is_consistent");
+    let dir = TempDir::new("mig-guest");
+    let kernel = write_migration_guest(dir.path(), "migration.elf");
+    let socket = dir.join("qmp.sock");
+    let skiff = Skiff::spawn([
+        "--kernel".to_string(),
+        kernel.display().to_string(),
+        "--qmp".to_string(),
+        format!("unix:{}", socket.display()),
+    ]);
+    let mut qmp = QmpClient::open_unix(&socket, false, GUEST_TIMEOUT)
+        .unwrap_or_else(|e| panic!("QMP: {e}\n{}", skiff.dump()));
+    assert!(
+        skiff.wait_stdout_contains("A", Instant::now() + GUEST_TIMEOUT),
+        "the guest did not print A\n{}",
+        skiff.dump()
+    );
+    let started = Instant::now();
+    thread::sleep(MIG_GUEST_RUN);
+    qmp.execute("stop", serde_json::Value::Null)
+        .unwrap_or_else(|e| panic!("stop: {e}\n{}", skiff.dump()));
+    let ran = started.elapsed();
+
+    let mem = pmemsave_range(&skiff, &mut qmp, &dir, "ram-1.bin");
+    thread::sleep(Duration::from_millis(200));
+    let again = pmemsave_range(&skiff, &mut qmp, &dir, "ram-2.bin");
+    assert!(
+        mem == again,
+        "guest RAM changed while stopped\n{}",
+        skiff.dump()
+    );
+    if let Err(report) = check_guest_ram(&mem) {
+        panic!("{report}\n{}", skiff.dump());
+    }
+
+    let passes = pass_counter(&mem);
+    assert!(
+        passes > 0,
+        "the guest made no complete pass\n{}",
+        skiff.dump()
+    );
+    // Stopped between passes (first byte = passes) or mid-pass (first byte = passes + 1).
+    let first = mem[0];
+    assert!(
+        first == passes as u8 || first == (passes as u8).wrapping_add(1),
+        "first byte {first} does not match {passes} passes"
+    );
+    // One 'B' per MIG_HEARTBEAT_PASSES passes (the stop may fall between the count and the 'B').
+    let beats = passes / MIG_HEARTBEAT_PASSES;
+    let expected = |out: &[u8]| {
+        let b = out.iter().filter(|c| **c == b'B').count() as u64;
+        b == beats || b + 1 == beats
+    };
+    assert!(
+        skiff.wait_stdout(Instant::now() + Duration::from_secs(2), expected),
+        "expected A then {beats} B for {passes} passes\n{}",
+        skiff.dump()
+    );
+    assert!(skiff.stdout_text().starts_with('A'), "{}", skiff.dump());
+    eprintln!(
+        "migration guest: {passes} passes of {MIG_PAGES} pages in {:.3} s: {:.2} ms per pass",
+        ran.as_secs_f64(),
+        ran.as_secs_f64() * 1e3 / passes as f64
     );
 }

@@ -9,12 +9,14 @@
 //!   devices of the Skiff machine (serial, exit port, CMOS, i8042), and the AP trampoline.
 //! - [`process`]: runs the `skiff` binary with hard timeouts and captures its output.
 //! - [`kvm`]: detects whether this host's KVM is hardware-assisted.
+//! - [`migration_guest`]: the migration test guest (QEMU's a-b guest) and its RAM check.
 
 #![allow(dead_code)]
 
 pub mod elf;
 pub mod guest;
 pub mod kvm;
+pub mod migration_guest;
 pub mod process;
 pub mod qmp_client;
 
