@@ -15,7 +15,9 @@ pub mod migration;
 pub mod monitor;
 pub mod runstate;
 pub mod serial_backend;
+pub mod snapshot;
 pub mod vcpu;
+pub mod vcpu_state;
 pub mod vm;
 pub mod vmm;
 
