@@ -20,10 +20,12 @@
 use std::io;
 use std::sync::Arc;
 
+use serde::{Deserialize, Serialize};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::bus::BusDevice;
 use crate::power::{PowerControl, PowerRequest};
+use crate::state::DeviceStateError;
 
 // ---- Generic Event Device ----------------------------------------------------------------------
 
@@ -50,6 +52,29 @@ pub enum AcpiDeviceError {
     /// The GED's interrupt eventfd could not be written.
     #[error("cannot raise the GED interrupt: {0}")]
     Interrupt(#[source] io::Error),
+}
+
+/// Event bits the GED knows; any other bit in a saved state is refused.
+const GED_KNOWN_EVENTS: u8 = GED_EVENT_POWER_BUTTON;
+
+/// The saved state of a [`GedDevice`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GedState {
+    /// Event bits latched and not yet read by the guest.
+    pub pending: u8,
+}
+
+impl GedState {
+    /// Checks that only known event bits are set.
+    pub fn validate(&self) -> Result<(), DeviceStateError> {
+        if self.pending & !GED_KNOWN_EVENTS != 0 {
+            return Err(DeviceStateError::new(
+                "GED",
+                format!("unknown event bits {:#04x}", self.pending),
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// The register of the ACPI Generic Event Device (`ACPI0013`), on the MMIO bus.
@@ -96,6 +121,21 @@ impl GedDevice {
     /// Returns to power-on state (guest reset): no event pending.
     pub fn reset(&mut self) {
         self.pending = 0;
+    }
+
+    /// The device's state, for a snapshot.
+    pub fn state(&self) -> GedState {
+        GedState {
+            pending: self.pending,
+        }
+    }
+
+    /// Puts the device in a saved state, after checking it. The interrupt is not raised
+    /// again: the interrupt controller's state is restored separately.
+    pub fn restore(&mut self, state: &GedState) -> Result<(), DeviceStateError> {
+        state.validate()?;
+        self.pending = state.pending;
+        Ok(())
     }
 }
 
@@ -150,6 +190,26 @@ pub const SLP_TYP_S5: u8 = 5;
 /// Sleep status register: `WAK_STS`, set when the platform woke up; write 1 to clear.
 pub const WAK_STS: u8 = 1 << 7;
 
+/// The saved state of an [`AcpiPmDevice`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AcpiPmState {
+    /// The sleep status register (only [`WAK_STS`] is ever set).
+    pub sleep_status: u8,
+}
+
+impl AcpiPmState {
+    /// Checks that only [`WAK_STS`] is set in the sleep status.
+    pub fn validate(&self) -> Result<(), DeviceStateError> {
+        if self.sleep_status & !WAK_STS != 0 {
+            return Err(DeviceStateError::new(
+                "ACPI PM",
+                format!("unknown sleep status bits {:#04x}", self.sleep_status),
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// The hardware-reduced ACPI sleep and reset registers, on the PIO bus at `ACPI_PM_PORT`.
 ///
 /// Layout, one byte each: [`PM_SLEEP_CONTROL_OFFSET`], [`PM_SLEEP_STATUS_OFFSET`],
@@ -178,6 +238,20 @@ impl AcpiPmDevice {
     /// Returns to power-on state (guest reset).
     pub fn reset(&mut self) {
         self.sleep_status = 0;
+    }
+
+    /// The device's state, for a snapshot.
+    pub fn state(&self) -> AcpiPmState {
+        AcpiPmState {
+            sleep_status: self.sleep_status,
+        }
+    }
+
+    /// Puts the device in a saved state, after checking it.
+    pub fn restore(&mut self, state: &AcpiPmState) -> Result<(), DeviceStateError> {
+        state.validate()?;
+        self.sleep_status = state.sleep_status;
+        Ok(())
     }
 
     fn write_sleep_control(&mut self, value: u8) {
@@ -401,5 +475,40 @@ mod tests {
         dev.write(PM_SLEEP_CONTROL_OFFSET, &[]);
         dev.write(7, &[ACPI_RESET_VALUE]);
         assert!(!power.is_pending());
+    }
+
+    #[test]
+    fn ged_state_round_trips_and_bad_bits_are_refused() {
+        let mut dev = ged();
+        dev.notify_power_button().unwrap();
+        let json = serde_json::to_string(&dev.state()).unwrap();
+        let state: GedState = serde_json::from_str(&json).unwrap();
+        let mut fresh = ged();
+        fresh.restore(&state).unwrap();
+        // The guest sees the latched press on the fresh device, once.
+        assert_eq!(read_ged(&mut fresh, 0, 1), [GED_EVENT_POWER_BUTTON]);
+        assert_eq!(read_ged(&mut fresh, 0, 1), [0]);
+
+        let err = fresh.restore(&GedState { pending: 0x82 }).unwrap_err();
+        assert_eq!(err.device, "GED");
+        assert_eq!(fresh.pending(), 0);
+    }
+
+    #[test]
+    fn pm_state_round_trips_and_bad_bits_are_refused() {
+        let (mut dev, _) = pm();
+        dev.write(PM_SLEEP_CONTROL_OFFSET, &[(1 << SLP_TYP_SHIFT) | SLP_EN]);
+        let json = serde_json::to_string(&dev.state()).unwrap();
+        let state: AcpiPmState = serde_json::from_str(&json).unwrap();
+        let (mut fresh, power) = pm();
+        fresh.restore(&state).unwrap();
+        assert_eq!(read_pm(&mut fresh, PM_SLEEP_STATUS_OFFSET), WAK_STS);
+        fresh.write(PM_SLEEP_STATUS_OFFSET, &[WAK_STS]);
+        assert_eq!(read_pm(&mut fresh, PM_SLEEP_STATUS_OFFSET), 0);
+        assert!(!power.is_pending());
+
+        assert!(fresh.restore(&AcpiPmState { sleep_status: 0x01 }).is_err());
+        assert!(serde_json::from_str::<AcpiPmState>(r#"{"sleep_status":-1}"#).is_err());
+        assert!(serde_json::from_str::<AcpiPmState>("{}").is_err());
     }
 }

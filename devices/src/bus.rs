@@ -26,10 +26,15 @@ pub trait BusDevice: Send + 'static {
 ///
 /// Blanket-implemented, so implementors of [`BusDevice`] only write `read`/`write`.
 trait AnyBusDevice: BusDevice {
+    fn as_any(&self) -> &dyn Any;
     fn as_any_mut(&mut self) -> &mut dyn Any;
 }
 
 impl<T: BusDevice> AnyBusDevice for T {
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+
     fn as_any_mut(&mut self) -> &mut dyn Any {
         self
     }
@@ -193,6 +198,14 @@ impl Bus {
     }
 
     /// Returns the device behind `id`, or `None` if `id` does not name a `T` on this bus.
+    pub fn get<T: BusDevice>(&self, id: DeviceId<T>) -> Option<&T> {
+        self.devices
+            .get(id.index)
+            .and_then(|device| device.as_any().downcast_ref::<T>())
+    }
+
+    /// Returns the device behind `id` mutably, or `None` if `id` does not name a `T` on this
+    /// bus.
     pub fn get_mut<T: BusDevice>(&mut self, id: DeviceId<T>) -> Option<&mut T> {
         self.devices
             .get_mut(id.index)
@@ -406,12 +419,15 @@ mod tests {
             _type: PhantomData,
         };
         assert!(bus.get_mut(wrong).is_none());
+        assert!(bus.get(wrong).is_none());
         assert!(bus.get_mut(rec).is_some());
+        assert!(bus.get(rec).is_some());
         let missing: DeviceId<Recorder> = DeviceId {
             index: 7,
             _type: PhantomData,
         };
         assert!(bus.get_mut(missing).is_none());
+        assert!(bus.get(missing).is_none());
         assert!(format!("{rec:?}").contains("Recorder"));
     }
 }

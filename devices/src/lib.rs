@@ -8,6 +8,7 @@
 //!   (reset, power-off, test exit).
 //! * [`legacy`]: the PC legacy devices (serial, i8042, CMOS/RTC, port 0x80,
 //!   Skiff's test exit device).
+//! * [`state`]: the error for device state that cannot be restored.
 
 #![deny(missing_docs)]
 
@@ -15,3 +16,4 @@ pub mod acpi;
 pub mod bus;
 pub mod legacy;
 pub mod power;
+pub mod state;

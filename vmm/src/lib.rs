@@ -15,8 +15,10 @@ pub mod migration;
 pub mod monitor;
 pub mod runstate;
 pub mod serial_backend;
+pub mod snapshot;
 pub mod uffd;
 pub mod vcpu;
+pub mod vcpu_state;
 pub mod vm;
 pub mod vmm;
 

@@ -5,13 +5,17 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use devices::acpi::{AcpiPmDevice, GedDevice, ACPI_GED_GSI, ACPI_PM_PORT_LEN};
+use devices::acpi::{
+    AcpiPmDevice, AcpiPmState, GedDevice, GedState, ACPI_GED_GSI, ACPI_PM_PORT_LEN,
+};
 use devices::bus::{Bus, BusError, DeviceId};
-use devices::legacy::cmos::{CMOS_PORT_BASE, CMOS_PORT_LEN};
+use devices::legacy::cmos::{CmosState, CMOS_PORT_BASE, CMOS_PORT_LEN};
 use devices::legacy::exit::{EXIT_DEVICE_PORT, EXIT_DEVICE_PORT_LEN};
-use devices::legacy::i8042::{I8042_PORT_BASE, I8042_PORT_LEN};
-use devices::legacy::port80::{PORT80_PORT_BASE, PORT80_PORT_LEN};
-use devices::legacy::serial::{COM1_PORT_BASE, COM1_PORT_LEN};
+use devices::legacy::i8042::{I8042State, I8042_PORT_BASE, I8042_PORT_LEN};
+use devices::legacy::port80::{Port80State, PORT80_PORT_BASE, PORT80_PORT_LEN};
+use devices::legacy::serial::{SerialDeviceState, COM1_PORT_BASE, COM1_PORT_LEN};
+use devices::state::DeviceStateError;
+use serde::{Deserialize, Serialize};
 
 use crate::arch::layout::{ACPI_GED_SIZE, ACPI_GED_START, ACPI_PM_PORT};
 use devices::legacy::serial::COM1_GSI;
@@ -34,6 +38,40 @@ pub enum MachineError {
     /// An eventfd could not be created.
     #[error("cannot create an eventfd: {0}")]
     EventFd(std::io::Error),
+    /// A device is not on its bus (a bug: the machine always builds it).
+    #[error("the {0} device is missing from the machine")]
+    MissingDevice(&'static str),
+    /// A saved device state was refused.
+    #[error(transparent)]
+    DeviceState(#[from] DeviceStateError),
+}
+
+/// The state of every stateful device, for a snapshot or a migration.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DevicesState {
+    /// COM1.
+    pub serial: SerialDeviceState,
+    /// The PS/2 controller.
+    pub i8042: I8042State,
+    /// The RTC's CMOS RAM and index.
+    pub cmos: CmosState,
+    /// The POST code port.
+    pub port80: Port80State,
+    /// The ACPI Generic Event Device.
+    pub ged: GedState,
+    /// The ACPI sleep and reset registers.
+    pub acpi_pm: AcpiPmState,
+}
+
+impl DevicesState {
+    /// Checks every device's state, so a restore changes nothing unless all of it is valid.
+    pub fn validate(&self) -> Result<(), DeviceStateError> {
+        self.serial.validate()?;
+        self.i8042.validate()?;
+        self.cmos.validate()?;
+        self.ged.validate()?;
+        self.acpi_pm.validate()
+    }
 }
 
 /// Everything behind the big lock.
@@ -46,6 +84,10 @@ pub struct Machine {
     pub serial: DeviceId<SerialDevice>,
     /// The PS/2 controller (reset line).
     pub i8042: DeviceId<I8042Device>,
+    /// The RTC and CMOS RAM.
+    pub cmos: DeviceId<CmosDevice>,
+    /// The POST code port.
+    pub port80: DeviceId<Port80Device>,
     /// The ACPI Generic Event Device (power button).
     pub ged: DeviceId<GedDevice>,
     /// The ACPI sleep and reset registers.
@@ -92,12 +134,12 @@ impl Machine {
             u64::from(I8042_PORT_BASE),
             I8042_PORT_LEN,
         )?;
-        pio.insert(
+        let cmos = pio.insert(
             CmosDevice::new(mem_below_4g, mem_above_4g),
             u64::from(CMOS_PORT_BASE),
             CMOS_PORT_LEN,
         )?;
-        pio.insert(
+        let port80 = pio.insert(
             Port80Device::new(),
             u64::from(PORT80_PORT_BASE),
             PORT80_PORT_LEN,
@@ -133,6 +175,8 @@ impl Machine {
                 mmio,
                 serial,
                 i8042,
+                cmos,
+                port80,
                 ged,
                 acpi_pm,
                 run_state,
@@ -175,6 +219,63 @@ impl Machine {
             acpi_pm.reset();
         }
     }
+}
+
+impl Machine {
+    /// Saves the state of every stateful device (with the vCPUs paused).
+    pub fn save_devices(&self) -> Result<DevicesState, MachineError> {
+        Ok(DevicesState {
+            serial: device(&self.pio, self.serial, "serial")?.state(),
+            i8042: device(&self.pio, self.i8042, "i8042")?.state(),
+            cmos: device(&self.pio, self.cmos, "CMOS")?.state(),
+            port80: device(&self.pio, self.port80, "port 0x80")?.state(),
+            ged: device(&self.mmio, self.ged, "GED")?.state(),
+            acpi_pm: device(&self.pio, self.acpi_pm, "ACPI PM")?.state(),
+        })
+    }
+
+    /// Puts every device in its saved state. The whole state is checked first: on an error
+    /// no device has changed.
+    pub fn restore_devices(&mut self, state: &DevicesState) -> Result<(), MachineError> {
+        state.validate()?;
+        let missing = MachineError::MissingDevice;
+        let (serial, i8042, cmos, port80) = (self.serial, self.i8042, self.cmos, self.port80);
+        let (ged, acpi_pm) = (self.ged, self.acpi_pm);
+        self.pio
+            .get_mut(serial)
+            .ok_or(missing("serial"))?
+            .restore(&state.serial)?;
+        self.pio
+            .get_mut(i8042)
+            .ok_or(missing("i8042"))?
+            .restore(&state.i8042)?;
+        self.pio
+            .get_mut(cmos)
+            .ok_or(missing("CMOS"))?
+            .restore(&state.cmos)?;
+        self.pio
+            .get_mut(port80)
+            .ok_or(missing("port 0x80"))?
+            .restore(&state.port80);
+        self.mmio
+            .get_mut(ged)
+            .ok_or(missing("GED"))?
+            .restore(&state.ged)?;
+        self.pio
+            .get_mut(acpi_pm)
+            .ok_or(missing("ACPI PM"))?
+            .restore(&state.acpi_pm)?;
+        Ok(())
+    }
+}
+
+/// The device behind `id` on `bus`, or [`MachineError::MissingDevice`] naming it.
+fn device<'a, T: devices::bus::BusDevice>(
+    bus: &'a Bus,
+    id: DeviceId<T>,
+    name: &'static str,
+) -> Result<&'a T, MachineError> {
+    bus.get(id).ok_or(MachineError::MissingDevice(name))
 }
 
 /// The big lock held: access to the [`Machine`].

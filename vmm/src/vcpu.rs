@@ -275,9 +275,20 @@ impl Vcpu {
         self.index
     }
 
+    /// The MSRs KVM can save and restore (the VM's index list).
+    pub fn msr_index_list(&self) -> &[u32] {
+        &self.msr_index_list
+    }
+
     /// The KVM vCPU, for reading or setting state while the vCPU is paused.
     pub fn fd(&self) -> &VcpuFd {
         &self.fd
+    }
+
+    /// The KVM vCPU, mutably (tests run guest code on it directly).
+    #[cfg(test)]
+    pub(crate) fn fd_mut(&mut self) -> &mut VcpuFd {
+        &mut self.fd
     }
 
     /// Puts the vCPU in its boot state. The boot vCPU starts at `entry`; the others wait for

@@ -16,6 +16,7 @@ use crate::loader::{self, BootEntry, GuestImage, LoaderError};
 use crate::machine::{BigLock, Machine, MachineGuard};
 use crate::memory::{self, MemoryError};
 use crate::runstate::RunState;
+use crate::snapshot::{MachineState, SnapshotError};
 use crate::vcpu::{Vcpu, VcpuKick, VcpuRequest, VcpuState};
 
 /// How long to wait for a kicked vCPU before kicking it again (a signal can land just before
@@ -369,6 +370,68 @@ impl Vm {
             machine.run_state = RunState::Prelaunch;
             self.lock.notify_all();
         }
+        Ok(())
+    }
+
+    /// Fails unless every vCPU has parked (a snapshot needs no exit half-emulated).
+    fn check_paused(machine: &Machine) -> Result<(), SnapshotError> {
+        match machine
+            .vcpus
+            .iter()
+            .position(|slot| slot.state != VcpuState::Paused)
+        {
+            Some(index) => Err(SnapshotError::NotPaused { index }),
+            None => Ok(()),
+        }
+    }
+
+    /// Captures the whole machine: each vCPU's state (read on its own thread), the PIT,
+    /// kvmclock and irqchips, and the devices. The vCPUs must be paused
+    /// ([`Vm::pause_vcpus`]) and stay so; the big lock is released while each vCPU thread
+    /// does its part. Guest RAM is not included.
+    pub fn save_machine_state(
+        &self,
+        machine: &mut MachineGuard<'_>,
+    ) -> Result<MachineState, SnapshotError> {
+        Self::check_paused(machine)?;
+        let mut vcpus = Vec::with_capacity(machine.vcpus.len());
+        for index in 0..machine.vcpus.len() {
+            let state = self
+                .run_on_vcpu(machine, index, |vcpu| vcpu.save_state())
+                .ok_or(SnapshotError::VcpuGone { index })??;
+            vcpus.push(state);
+        }
+        // A vCPU that ran in between would make the states inconsistent.
+        Self::check_paused(machine)?;
+        let vm = self.kvm.save_state()?;
+        let devices = machine.save_devices()?;
+        Ok(MachineState { vcpus, vm, devices })
+    }
+
+    /// Puts a captured machine state into this VM, whose guest RAM must already hold the
+    /// saved contents: the TSC frequency on every vCPU, then each vCPU's state (on its own
+    /// thread), the PIT, kvmclock and irqchips, and the devices. The vCPUs must be paused.
+    /// The vCPU count and order, the irqchip ids and the device states are checked before
+    /// anything changes.
+    pub fn restore_machine_state(
+        &self,
+        machine: &mut MachineGuard<'_>,
+        state: &MachineState,
+    ) -> Result<(), SnapshotError> {
+        state.validate(machine.vcpus.len())?;
+        Self::check_paused(machine)?;
+        for (index, vcpu_state) in state.vcpus.iter().enumerate() {
+            let tsc_khz = vcpu_state.tsc_khz;
+            self.run_on_vcpu(machine, index, move |vcpu| vcpu.restore_tsc_khz(tsc_khz))
+                .ok_or(SnapshotError::VcpuGone { index })??;
+        }
+        for (index, vcpu_state) in state.vcpus.iter().enumerate() {
+            let vcpu_state = vcpu_state.clone();
+            self.run_on_vcpu(machine, index, move |vcpu| vcpu.restore_state(&vcpu_state))
+                .ok_or(SnapshotError::VcpuGone { index })??;
+        }
+        self.kvm.restore_state(&state.vm)?;
+        machine.restore_devices(&state.devices)?;
         Ok(())
     }
 }

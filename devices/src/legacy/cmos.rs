@@ -9,7 +9,10 @@
 use std::fmt;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use serde::{Deserialize, Serialize};
+
 use crate::bus::BusDevice;
+use crate::state::DeviceStateError;
 
 /// First I/O port of the RTC (the index port).
 pub const CMOS_PORT_BASE: u16 = 0x70;
@@ -165,6 +168,35 @@ fn system_clock() -> Duration {
         .unwrap_or_default()
 }
 
+/// The saved state of a [`CmosDevice`]. The date and time are not part of it: they always
+/// read the host's clock.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CmosState {
+    /// The selected register (the index port, without the NMI bit).
+    pub index: u8,
+    /// The 128 bytes of CMOS RAM, including registers A and B.
+    pub ram: Vec<u8>,
+}
+
+impl CmosState {
+    /// Checks the RAM size and the index range.
+    pub fn validate(&self) -> Result<(), DeviceStateError> {
+        if self.ram.len() != CMOS_SIZE {
+            return Err(DeviceStateError::new(
+                "CMOS",
+                format!("{} bytes of RAM, expected {CMOS_SIZE}", self.ram.len()),
+            ));
+        }
+        if self.index & !INDEX_MASK != 0 {
+            return Err(DeviceStateError::new(
+                "CMOS",
+                format!("index {:#04x} out of range", self.index),
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// MC146818 RTC with 128 bytes of CMOS RAM.
 pub struct CmosDevice {
     index: u8,
@@ -216,6 +248,33 @@ impl CmosDevice {
         dev.set_le(CMOS_MEM_ABOVE_16M, above_16m, 2);
         dev.set_le(CMOS_MEM_ABOVE_4G, above_4g, 3);
         dev
+    }
+
+    /// Creates the RTC reading the host clock, in a saved state (checked first).
+    pub fn from_state(state: &CmosState) -> Result<Self, DeviceStateError> {
+        let mut dev = Self {
+            index: 0,
+            ram: [0; CMOS_SIZE],
+            clock: Box::new(system_clock),
+        };
+        dev.restore(state)?;
+        Ok(dev)
+    }
+
+    /// The device's state, for a snapshot.
+    pub fn state(&self) -> CmosState {
+        CmosState {
+            index: self.index,
+            ram: self.ram.to_vec(),
+        }
+    }
+
+    /// Puts the device in a saved state, after checking it.
+    pub fn restore(&mut self, state: &CmosState) -> Result<(), DeviceStateError> {
+        state.validate()?;
+        self.ram.copy_from_slice(&state.ram);
+        self.index = state.index;
+        Ok(())
     }
 
     /// Stores the low `bytes` bytes of `value`, little-endian, from RAM index `start`.
@@ -531,5 +590,45 @@ mod tests {
     fn system_clock_date_is_plausible() {
         let mut dev = CmosDevice::new(256 * MIB, 0);
         assert_eq!(read(&mut dev, REG_CENTURY), 0x20);
+    }
+
+    #[test]
+    fn state_round_trips_into_a_fresh_device() {
+        let mut dev = fixed(FIXED_SECS, 0);
+        write(&mut dev, 0x40, 0xab);
+        write(&mut dev, REG_B, REG_B_24H | REG_B_DM_BINARY);
+        write(&mut dev, 0x41, 0xcd);
+        let json = serde_json::to_string(&dev.state()).unwrap();
+        let state: CmosState = serde_json::from_str(&json).unwrap();
+        let mut fresh = fixed(FIXED_SECS, 0);
+        fresh.restore(&state).unwrap();
+        assert_eq!(fresh.state(), dev.state());
+        // The selected index survives: a data read without a new index write sees it.
+        let mut data = [0u8];
+        fresh.read(OFFSET_DATA, &mut data);
+        assert_eq!(data[0], 0xcd);
+        assert_eq!(read(&mut fresh, 0x40), 0xab);
+        // Binary mode survives.
+        assert_eq!(read(&mut fresh, REG_SECONDS), 7);
+        assert_eq!(CmosDevice::from_state(&state).unwrap().state(), state);
+    }
+
+    #[test]
+    fn malformed_state_is_refused() {
+        let mut dev = fixed(FIXED_SECS, 0);
+        let good = dev.state();
+        let short = CmosState {
+            ram: vec![0; 64],
+            ..good.clone()
+        };
+        assert!(dev.restore(&short).is_err());
+        let bad_index = CmosState {
+            index: 0x80,
+            ..good.clone()
+        };
+        assert!(dev.restore(&bad_index).is_err());
+        assert!(CmosDevice::from_state(&bad_index).is_err());
+        assert_eq!(dev.state(), good);
+        assert!(serde_json::from_str::<CmosState>(r#"{"index":1,"ram":[300]}"#).is_err());
     }
 }

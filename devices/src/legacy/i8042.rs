@@ -15,8 +15,11 @@
 use std::collections::VecDeque;
 use std::sync::Arc;
 
+use serde::{Deserialize, Serialize};
+
 use crate::bus::BusDevice;
 use crate::power::{PowerControl, PowerRequest};
+use crate::state::DeviceStateError;
 
 /// First I/O port of the i8042 (the data port).
 pub const I8042_PORT_BASE: u16 = 0x60;
@@ -123,6 +126,64 @@ const KBD_ID: [u8; 2] = [0xab, 0x83];
 /// Capacity of the output buffer, in bytes.
 const OUTPUT_BUFFER_SIZE: usize = 16;
 
+/// Controller commands that wait for a parameter on the data port.
+const PARAMETER_COMMANDS: [u8; 5] = [
+    CMD_WRITE_CTR,
+    CMD_WRITE_OUTPUT_PORT,
+    CMD_WRITE_KBD_OUTBUF,
+    CMD_WRITE_AUX_OUTBUF,
+    CMD_WRITE_AUX,
+];
+/// Keyboard commands that wait for a parameter.
+const KBD_PARAMETER_COMMANDS: [u8; 3] =
+    [KBD_CMD_SET_LEDS, KBD_CMD_SCANCODE_SET, KBD_CMD_SET_REPEAT];
+
+/// The saved state of an [`I8042Device`].
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct I8042State {
+    /// The controller's command byte.
+    pub command_byte: u8,
+    /// The controller's output port.
+    pub output_port: u8,
+    /// Whether the last write went to the command port.
+    pub last_was_command: bool,
+    /// Controller command waiting for its parameter.
+    pub pending_command: Option<u8>,
+    /// Keyboard command waiting for its parameter.
+    pub pending_kbd_command: Option<u8>,
+    /// Bytes waiting in the output buffer, oldest first.
+    pub output: Vec<u8>,
+    /// Value data port reads return while the output buffer is empty.
+    pub last_read: u8,
+}
+
+impl I8042State {
+    /// Checks the output buffer size and the pending commands. Restoring never pulses the
+    /// reset line, whatever the saved output port holds.
+    pub fn validate(&self) -> Result<(), DeviceStateError> {
+        let invalid = |reason: String| Err(DeviceStateError::new("i8042", reason));
+        if self.output.len() > OUTPUT_BUFFER_SIZE {
+            return invalid(format!(
+                "{} bytes in the output buffer, at most {OUTPUT_BUFFER_SIZE}",
+                self.output.len()
+            ));
+        }
+        if let Some(cmd) = self
+            .pending_command
+            .filter(|c| !PARAMETER_COMMANDS.contains(c))
+        {
+            return invalid(format!("pending controller command {cmd:#04x}"));
+        }
+        if let Some(cmd) = self
+            .pending_kbd_command
+            .filter(|c| !KBD_PARAMETER_COMMANDS.contains(c))
+        {
+            return invalid(format!("pending keyboard command {cmd:#04x}"));
+        }
+        Ok(())
+    }
+}
+
 /// A minimal PS/2 controller with a keyboard that only acknowledges commands.
 #[derive(Debug)]
 pub struct I8042Device {
@@ -163,6 +224,33 @@ impl I8042Device {
         self.pending_kbd_command = None;
         self.output.clear();
         self.last_read = 0;
+    }
+
+    /// The device's state, for a snapshot.
+    pub fn state(&self) -> I8042State {
+        I8042State {
+            command_byte: self.command_byte,
+            output_port: self.output_port,
+            last_was_command: self.last_was_command,
+            pending_command: self.pending_command,
+            pending_kbd_command: self.pending_kbd_command,
+            output: self.output.iter().copied().collect(),
+            last_read: self.last_read,
+        }
+    }
+
+    /// Puts the device in a saved state, after checking it.
+    pub fn restore(&mut self, state: &I8042State) -> Result<(), DeviceStateError> {
+        state.validate()?;
+        self.command_byte = state.command_byte;
+        self.output_port = state.output_port;
+        self.last_was_command = state.last_was_command;
+        self.pending_command = state.pending_command;
+        self.pending_kbd_command = state.pending_kbd_command;
+        self.output.clear();
+        self.output.extend(state.output.iter().copied());
+        self.last_read = state.last_read;
+        Ok(())
     }
 
     fn status(&self) -> u8 {
@@ -432,5 +520,63 @@ mod tests {
         assert_eq!(status(&mut dev), SB_NOT_INHIBITED | SB_SYS);
         dev.write(OFFSET_COMMAND, &[CMD_READ_CTR]);
         assert_eq!(read_data(&mut dev), CB_DEFAULT);
+    }
+
+    #[test]
+    fn state_round_trips_into_a_fresh_device() {
+        let (mut dev, _) = device();
+        dev.write(OFFSET_COMMAND, &[CMD_WRITE_CTR]);
+        dev.write(OFFSET_DATA, &[0x47]);
+        dev.write(OFFSET_DATA, &[KBD_CMD_GET_ID]);
+        assert_eq!(read_data(&mut dev), KBD_ACK);
+        // A keyboard command and a controller command both wait for their parameters.
+        dev.write(OFFSET_DATA, &[KBD_CMD_SCANCODE_SET]);
+        dev.write(OFFSET_COMMAND, &[CMD_WRITE_OUTPUT_PORT]);
+        let json = serde_json::to_string(&dev.state()).unwrap();
+        let state: I8042State = serde_json::from_str(&json).unwrap();
+        let (mut fresh, power) = device();
+        fresh.restore(&state).unwrap();
+        assert_eq!(fresh.state(), dev.state());
+        assert_eq!(status(&mut fresh), status(&mut dev));
+        for dev in [&mut dev, &mut fresh] {
+            // The rest of the ID, then the ACK of the scan code set command.
+            assert_eq!(read_data(dev), KBD_ID[0]);
+            assert_eq!(read_data(dev), KBD_ID[1]);
+            assert_eq!(read_data(dev), KBD_ACK);
+            assert_eq!(read_data(dev), KBD_ACK);
+            // The pending output-port write takes its parameter.
+            dev.write(OFFSET_DATA, &[0xdf]);
+            dev.write(OFFSET_COMMAND, &[CMD_READ_OUTPUT_PORT]);
+            assert_eq!(read_data(dev), 0xdf);
+            dev.write(OFFSET_COMMAND, &[CMD_READ_CTR]);
+            assert_eq!(read_data(dev), 0x47);
+        }
+        assert!(!power.is_pending());
+    }
+
+    #[test]
+    fn malformed_state_is_refused() {
+        let (mut dev, power) = device();
+        let good = dev.state();
+        let bad = [
+            I8042State {
+                output: vec![0; OUTPUT_BUFFER_SIZE + 1],
+                ..good.clone()
+            },
+            I8042State {
+                pending_command: Some(CMD_SELF_TEST),
+                ..good.clone()
+            },
+            I8042State {
+                pending_kbd_command: Some(KBD_CMD_ECHO),
+                ..good.clone()
+            },
+        ];
+        for state in &bad {
+            assert!(dev.restore(state).is_err(), "{state:?}");
+        }
+        assert_eq!(dev.state(), good);
+        assert!(!power.is_pending());
+        assert!(serde_json::from_str::<I8042State>(r#"{"command_byte":1}"#).is_err());
     }
 }

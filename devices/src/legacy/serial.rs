@@ -11,11 +11,13 @@ use std::os::unix::io::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::sync::Arc;
 
-use vm_superio::serial::{Error as SerialError, SerialEvents};
+use serde::{Deserialize, Serialize};
+use vm_superio::serial::{Error as SerialError, SerialEvents, SerialState};
 use vm_superio::{Serial, Trigger};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::bus::BusDevice;
+use crate::state::DeviceStateError;
 
 /// Base I/O port of COM1.
 pub const COM1_PORT_BASE: u16 = 0x3f8;
@@ -26,6 +28,84 @@ pub const COM1_GSI: u32 = 4;
 
 /// Byte returned for reads that hit no UART register (never happens on a correctly sized range).
 const INVALID_REGISTER_READ: u8 = 0xff;
+/// Size of the 16550A RX FIFO modelled by `vm_superio`.
+const RX_FIFO_SIZE: usize = 64;
+
+/// The saved registers and pending input of a [`SerialDevice`] (`vm_superio`'s
+/// `SerialState`, as a serde struct).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SerialDeviceState {
+    /// Divisor latch, low byte.
+    pub baud_divisor_low: u8,
+    /// Divisor latch, high byte.
+    pub baud_divisor_high: u8,
+    /// Interrupt enable register.
+    pub interrupt_enable: u8,
+    /// Interrupt identification register.
+    pub interrupt_identification: u8,
+    /// Line control register.
+    pub line_control: u8,
+    /// Line status register.
+    pub line_status: u8,
+    /// Modem control register.
+    pub modem_control: u8,
+    /// Modem status register.
+    pub modem_status: u8,
+    /// Scratch register.
+    pub scratch: u8,
+    /// Received bytes the guest has not read yet, oldest first.
+    pub in_buffer: Vec<u8>,
+}
+
+impl SerialDeviceState {
+    /// Checks that the pending input fits in the RX FIFO.
+    pub fn validate(&self) -> Result<(), DeviceStateError> {
+        if self.in_buffer.len() > RX_FIFO_SIZE {
+            return Err(DeviceStateError::new(
+                "serial",
+                format!(
+                    "{} bytes of pending input, the FIFO holds {RX_FIFO_SIZE}",
+                    self.in_buffer.len()
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl From<SerialState> for SerialDeviceState {
+    fn from(s: SerialState) -> Self {
+        Self {
+            baud_divisor_low: s.baud_divisor_low,
+            baud_divisor_high: s.baud_divisor_high,
+            interrupt_enable: s.interrupt_enable,
+            interrupt_identification: s.interrupt_identification,
+            line_control: s.line_control,
+            line_status: s.line_status,
+            modem_control: s.modem_control,
+            modem_status: s.modem_status,
+            scratch: s.scratch,
+            in_buffer: s.in_buffer,
+        }
+    }
+}
+
+impl From<&SerialDeviceState> for SerialState {
+    fn from(s: &SerialDeviceState) -> Self {
+        Self {
+            baud_divisor_low: s.baud_divisor_low,
+            baud_divisor_high: s.baud_divisor_high,
+            interrupt_enable: s.interrupt_enable,
+            interrupt_identification: s.interrupt_identification,
+            line_control: s.line_control,
+            line_status: s.line_status,
+            modem_control: s.modem_control,
+            modem_status: s.modem_status,
+            scratch: s.scratch,
+            in_buffer: s.in_buffer.clone(),
+        }
+    }
+}
 
 /// An [`EventFd`] usable as a `vm_superio` interrupt [`Trigger`].
 #[derive(Debug, Clone)]
@@ -255,6 +335,30 @@ impl SerialDevice {
     }
 }
 
+impl SerialDevice {
+    /// The UART's registers and pending input, for a snapshot.
+    pub fn state(&self) -> SerialDeviceState {
+        self.serial.state().into()
+    }
+
+    /// Puts the UART in a saved state, after checking it, keeping the output and the
+    /// eventfds. As `vm_superio` does, the interrupt is raised again if the restored
+    /// registers say one is pending.
+    pub fn restore(&mut self, state: &SerialDeviceState) -> Result<(), DeviceStateError> {
+        state.validate()?;
+        let mut restored = Serial::from_state(
+            &SerialState::from(state),
+            EventFdTrigger(self.irq.clone()),
+            self.events.clone(),
+            SerialOutput::Sink,
+        )
+        .map_err(|e| DeviceStateError::new("serial", e.to_string()))?;
+        std::mem::swap(restored.writer_mut(), self.serial.writer_mut());
+        self.serial = restored;
+        Ok(())
+    }
+}
+
 impl BusDevice for SerialDevice {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
         let Some((first, rest)) = data.split_first_mut() else {
@@ -454,5 +558,52 @@ mod tests {
         assert!(SerialOutput::Sink
             .set_socket_client(None)
             .is_err_and(|e| e.kind() == io::ErrorKind::InvalidInput));
+    }
+
+    #[test]
+    fn state_round_trips_into_a_fresh_device() {
+        let tmp = TempFile::new().unwrap();
+        let file = tmp.as_file().try_clone().unwrap();
+        let mut dev = SerialDevice::new(irq(), SerialOutput::Sink).unwrap();
+        BusDevice::write(&mut dev, REG_SCR, &[0x5a]);
+        BusDevice::write(&mut dev, REG_LCR, &[LCR_DLAB]);
+        BusDevice::write(&mut dev, REG_DATA, &[0x0c]);
+        BusDevice::write(&mut dev, REG_LCR, &[LCR_DEFAULT]);
+        BusDevice::write(&mut dev, REG_IER, &[IER_RDA]);
+        dev.enqueue_input(b"hi");
+        let json = serde_json::to_string(&dev.state()).unwrap();
+        let state: SerialDeviceState = serde_json::from_str(&json).unwrap();
+
+        let irq_fd = irq();
+        let irq_probe = irq_fd.try_clone().unwrap();
+        let mut fresh = SerialDevice::new(irq_fd, SerialOutput::File(file)).unwrap();
+        fresh.restore(&state).unwrap();
+        assert_eq!(fresh.state(), dev.state());
+        // Input was pending with its interrupt enabled: the interrupt is raised again.
+        assert!(is_signalled(&irq_probe));
+        assert_eq!(read_reg(&mut fresh, REG_SCR), 0x5a);
+        assert_eq!(read_reg(&mut fresh, REG_DATA), b'h');
+        assert_eq!(read_reg(&mut fresh, REG_DATA), b'i');
+        assert_eq!(fresh.fifo_capacity(), FIFO_SIZE);
+        BusDevice::write(&mut fresh, REG_LCR, &[LCR_DLAB]);
+        assert_eq!(read_reg(&mut fresh, REG_DATA), 0x0c);
+        BusDevice::write(&mut fresh, REG_LCR, &[LCR_DEFAULT]);
+        // The output back-end of the fresh device is kept.
+        BusDevice::write(&mut fresh, REG_DATA, b"!");
+        assert_eq!(std::fs::read(tmp.as_path()).unwrap(), b"!");
+    }
+
+    #[test]
+    fn malformed_state_is_refused() {
+        let mut dev = SerialDevice::new(irq(), SerialOutput::Sink).unwrap();
+        let good = dev.state();
+        let too_much_input = SerialDeviceState {
+            in_buffer: vec![0; FIFO_SIZE + 1],
+            ..good.clone()
+        };
+        let err = dev.restore(&too_much_input).unwrap_err();
+        assert_eq!(err.device, "serial");
+        assert_eq!(dev.state(), good);
+        assert!(serde_json::from_str::<SerialDeviceState>(r#"{"scratch":1}"#).is_err());
     }
 }
