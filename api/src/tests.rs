@@ -134,6 +134,66 @@ impl InBandCommands for Vm {
             package: "skiff".into(),
         })
     }
+    fn query_migrate(&mut self) -> Result<MigrationInfo, QmpError> {
+        Ok(MigrationInfo {
+            status: None,
+            ram: None,
+            total_time: None,
+            setup_time: None,
+            expected_downtime: None,
+            downtime: None,
+            error_desc: None,
+            socket_address: None,
+        })
+    }
+    fn migrate_set_capabilities(
+        &mut self,
+        capabilities: Vec<MigrationCapabilityStatus>,
+    ) -> Result<(), QmpError> {
+        self.calls
+            .push(format!("set-capabilities {}", capabilities.len()));
+        Ok(())
+    }
+    fn query_migrate_capabilities(&mut self) -> Result<Vec<MigrationCapabilityStatus>, QmpError> {
+        Ok(Vec::new())
+    }
+    fn query_migrate_parameters(&mut self) -> Result<MigrationParameters, QmpError> {
+        Ok(MigrationParameters {
+            max_bandwidth: Some(0),
+            downtime_limit: Some(300),
+            max_postcopy_bandwidth: Some(0),
+        })
+    }
+    fn migrate_set_parameters(
+        &mut self,
+        max_bandwidth: Option<u64>,
+        downtime_limit: Option<u64>,
+        _max_postcopy_bandwidth: Option<u64>,
+    ) -> Result<(), QmpError> {
+        self.calls.push(format!(
+            "set-parameters {max_bandwidth:?} {downtime_limit:?}"
+        ));
+        Ok(())
+    }
+    fn migrate(
+        &mut self,
+        uri: String,
+        _detach: Option<bool>,
+        resume: Option<bool>,
+    ) -> Result<(), QmpError> {
+        self.calls.push(format!("migrate {uri} {resume:?}"));
+        Ok(())
+    }
+    fn migrate_incoming(&mut self, uri: String, _exit: Option<bool>) -> Result<(), QmpError> {
+        self.calls.push(format!("migrate-incoming {uri}"));
+        Ok(())
+    }
+    fn migrate_cancel(&mut self) -> Result<(), QmpError> {
+        Ok(())
+    }
+    fn migrate_start_postcopy(&mut self) -> Result<(), QmpError> {
+        Ok(())
+    }
     fn quit(&mut self) -> Result<(), QmpError> {
         self.calls.push("quit".into());
         Ok(())

@@ -7,6 +7,7 @@ use qmp::ListenAddr;
 
 use crate::arch::layout::MIB;
 use crate::arch::mptable::MAX_CPUS;
+use crate::migration::uri::MigrationUri;
 
 /// Default guest RAM: 256 MiB.
 pub const DEFAULT_MEMORY: u64 = 256 * MIB;
@@ -134,6 +135,30 @@ pub struct VmConfig {
     pub no_reboot: bool,
     /// The VM's name (QMP `query-name`).
     pub name: Option<String>,
+    /// Wait for an incoming migration instead of booting the kernel.
+    pub incoming: Option<Incoming>,
+}
+
+/// `--incoming`: where the VM's state comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Incoming {
+    /// Wait for QMP `migrate-incoming`.
+    Defer,
+    /// Listen at (or read from) this address at start-up.
+    Uri(MigrationUri),
+}
+
+impl FromStr for Incoming {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        if text == "defer" {
+            return Ok(Incoming::Defer);
+        }
+        MigrationUri::parse(text)
+            .map(Incoming::Uri)
+            .map_err(|e| e.to_string())
+    }
 }
 
 impl VmConfig {
@@ -150,6 +175,7 @@ impl VmConfig {
             start_paused: false,
             no_reboot: false,
             name: None,
+            incoming: None,
         }
     }
 }

@@ -43,6 +43,10 @@ struct Cli {
     /// The VM's name, as QMP query-name reports it.
     #[arg(long, value_name = "NAME")]
     name: Option<String>,
+    /// Receive the VM from a migration instead of booting: unix:PATH, tcp:HOST:PORT or
+    /// file:PATH, or `defer` to wait for QMP migrate-incoming.
+    #[arg(long, value_name = "URI")]
+    incoming: Option<config::Incoming>,
 }
 
 /// Writes log records to stderr, one line each: `skiff: LEVEL: message`. The level comes from
@@ -112,6 +116,7 @@ fn main() -> ExitCode {
         start_paused: cli.paused,
         no_reboot: cli.no_reboot,
         name: cli.name,
+        incoming: cli.incoming,
     };
     let result = Vmm::new(config).and_then(Vmm::run);
     match result {

@@ -11,7 +11,8 @@ use std::io::Write;
 use std::sync::Arc;
 
 use api::{
-    CpuInfoFast, CpuInstanceProperties, InBandCommands, KvmInfo, MemoryInfo, NameInfo, OobCommands,
+    CpuInfoFast, CpuInstanceProperties, InBandCommands, KvmInfo, MemoryInfo,
+    MigrationCapabilityStatus, MigrationInfo, MigrationParameters, NameInfo, OobCommands,
     ShutdownCause, StatusInfo, SysEmuTarget, UuidInfo, VersionInfo, VersionTriple,
 };
 use event_manager::{EventOps, Events, MutEventSubscriber};
@@ -20,7 +21,8 @@ use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::epoll::EventSet;
 
 use crate::machine::MachineGuard;
-use crate::migration::MigrationState;
+use crate::migration::uri::MigrationUri;
+use crate::migration::{self, MigrationState, Role};
 use crate::runstate::RunState;
 use crate::vm::{Vm, VmAction};
 
@@ -57,14 +59,14 @@ impl OobCommands for OobContext {
 
 /// Handles one in-band command with the big lock held.
 pub struct InBandHandler<'a> {
-    vm: &'a Vm,
+    vm: &'a Arc<Vm>,
     machine: MachineGuard<'a>,
     oob: &'a OobContext,
 }
 
 impl<'a> InBandHandler<'a> {
     /// A handler for one command; takes the big lock.
-    pub fn new(vm: &'a Vm, oob: &'a OobContext) -> Self {
+    pub fn new(vm: &'a Arc<Vm>, oob: &'a OobContext) -> Self {
         InBandHandler {
             vm,
             machine: vm.lock(),
@@ -309,6 +311,92 @@ impl InBandCommands for InBandHandler<'_> {
             },
             package: PACKAGE.to_string(),
         })
+    }
+
+    fn query_migrate(&mut self) -> Result<MigrationInfo, QmpError> {
+        Ok(self.vm.migration().info())
+    }
+
+    fn migrate_set_capabilities(
+        &mut self,
+        capabilities: Vec<MigrationCapabilityStatus>,
+    ) -> Result<(), QmpError> {
+        self.vm.migration().set_capabilities(&capabilities)
+    }
+
+    fn query_migrate_capabilities(&mut self) -> Result<Vec<MigrationCapabilityStatus>, QmpError> {
+        Ok(self.vm.migration().capabilities())
+    }
+
+    fn query_migrate_parameters(&mut self) -> Result<MigrationParameters, QmpError> {
+        Ok(self.vm.migration().query_parameters())
+    }
+
+    fn migrate_set_parameters(
+        &mut self,
+        max_bandwidth: Option<u64>,
+        downtime_limit: Option<u64>,
+        max_postcopy_bandwidth: Option<u64>,
+    ) -> Result<(), QmpError> {
+        self.vm
+            .migration()
+            .set_parameters(max_bandwidth, downtime_limit, max_postcopy_bandwidth)
+    }
+
+    fn migrate(
+        &mut self,
+        uri: String,
+        _detach: Option<bool>,
+        resume: Option<bool>,
+    ) -> Result<(), QmpError> {
+        let uri = MigrationUri::parse(&uri).map_err(|e| QmpError::generic(e.to_string()))?;
+        if resume.unwrap_or(false) {
+            return self.vm.migration().request_resume(uri);
+        }
+        match self.machine.run_state {
+            RunState::Running | RunState::Paused | RunState::Prelaunch | RunState::Postmigrate => {}
+            RunState::Inmigrate => {
+                return Err(QmpError::generic(
+                    "Guest is waiting for an incoming migration",
+                ))
+            }
+            other => {
+                return Err(QmpError::generic(format!(
+                    "The VM cannot be migrated while it is {other}"
+                )))
+            }
+        }
+        migration::source::start(self.vm.clone(), uri).map_err(QmpError::generic)
+    }
+
+    fn migrate_incoming(
+        &mut self,
+        uri: String,
+        exit_on_error: Option<bool>,
+    ) -> Result<(), QmpError> {
+        let state = self.vm.migration();
+        if self.machine.run_state != RunState::Inmigrate {
+            return Err(QmpError::generic(
+                "'-incoming' was not specified on the command line",
+            ));
+        }
+        if state.role() == Role::Destination {
+            return Err(QmpError::generic(
+                "The incoming migration has already been started",
+            ));
+        }
+        let uri = MigrationUri::parse(&uri).map_err(|e| QmpError::generic(e.to_string()))?;
+        let listener = uri.listen().map_err(|e| QmpError::generic(e.to_string()))?;
+        migration::dest::start(self.vm.clone(), listener, exit_on_error.unwrap_or(true))
+            .map_err(QmpError::generic)
+    }
+
+    fn migrate_cancel(&mut self) -> Result<(), QmpError> {
+        self.vm.migration().cancel()
+    }
+
+    fn migrate_start_postcopy(&mut self) -> Result<(), QmpError> {
+        self.vm.migration().start_postcopy()
     }
 
     fn quit(&mut self) -> Result<(), QmpError> {

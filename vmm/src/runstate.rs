@@ -13,6 +13,12 @@ pub enum RunState {
     Shutdown,
     /// KVM could not continue running a vCPU (for example an emulation failure).
     InternalError,
+    /// Waiting for (or loading) an incoming migration.
+    Inmigrate,
+    /// Stopped for the switch-over of an outgoing migration.
+    FinishMigrate,
+    /// An outgoing migration completed; the guest now runs elsewhere.
+    Postmigrate,
 }
 
 impl RunState {
@@ -24,6 +30,9 @@ impl RunState {
             RunState::Paused => "paused",
             RunState::Shutdown => "shutdown",
             RunState::InternalError => "internal-error",
+            RunState::Inmigrate => "inmigrate",
+            RunState::FinishMigrate => "finish-migrate",
+            RunState::Postmigrate => "postmigrate",
         }
     }
 

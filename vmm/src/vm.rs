@@ -15,6 +15,7 @@ use crate::kvm_vm::{KvmVm, VmError};
 use crate::loader::{self, BootEntry, GuestImage, LoaderError};
 use crate::machine::{BigLock, Machine, MachineGuard};
 use crate::memory::{self, MemoryError};
+use crate::migration::MigrationState;
 use crate::runstate::RunState;
 use crate::snapshot::{MachineState, SnapshotError};
 use crate::vcpu::{Vcpu, VcpuKick, VcpuRequest, VcpuState};
@@ -84,6 +85,7 @@ pub struct Vm {
     kvm: KvmVm,
     image: GuestImage,
     name: Option<String>,
+    migration: Arc<MigrationState>,
 }
 
 impl Vm {
@@ -95,6 +97,7 @@ impl Vm {
         kvm: KvmVm,
         image: GuestImage,
         name: Option<String>,
+        migration: Arc<MigrationState>,
     ) -> std::io::Result<Self> {
         let kicks = (0..machine.vcpus.len())
             .map(|_| VcpuKick::default())
@@ -110,6 +113,7 @@ impl Vm {
             kvm,
             image,
             name,
+            migration,
         })
     }
 
@@ -146,6 +150,11 @@ impl Vm {
     /// The kernel, initrd and command line the guest boots from.
     pub fn image(&self) -> &GuestImage {
         &self.image
+    }
+
+    /// The migration state the monitor and migration threads share.
+    pub fn migration(&self) -> &Arc<MigrationState> {
+        &self.migration
     }
 
     /// The VM's name (`--name`).
@@ -313,6 +322,10 @@ impl Vm {
     /// Stops a running VM (QMP `stop`): pauses the vCPUs, then emits STOP. Does nothing when
     /// the VM is already stopped or not started.
     pub fn stop(&self, machine: &mut MachineGuard<'_>) {
+        if machine.run_state == RunState::Inmigrate {
+            // As QEMU: the guest will not run when the incoming migration completes.
+            self.migration.set_autostart(false);
+        }
         if machine.run_state == RunState::Running {
             self.pause_vcpus(machine);
             machine.run_state = RunState::Paused;
@@ -324,7 +337,13 @@ impl Vm {
     /// states that need a reset first, with QEMU's message.
     pub fn cont(&self, machine: &mut MachineGuard<'_>) -> Result<(), &'static str> {
         match machine.run_state {
-            RunState::Paused | RunState::Prelaunch => {
+            RunState::Inmigrate => {
+                // As QEMU: the guest will run when the incoming migration completes.
+                self.migration.set_autostart(true);
+                Ok(())
+            }
+            RunState::FinishMigrate => Err("The VM is being migrated"),
+            RunState::Paused | RunState::Prelaunch | RunState::Postmigrate => {
                 machine.run_state = RunState::Running;
                 self.emit(Event::Resume);
                 self.resume_vcpus(machine);
@@ -352,6 +371,7 @@ impl Vm {
     /// vCPUs run again if the VM was running.
     pub fn reset_guest(&self, machine: &mut MachineGuard<'_>) -> Result<(), VmOpError> {
         self.pause_vcpus(machine);
+        self.migration.note_ram_rewritten();
         memory::discard_guest_memory(&self.memory)?;
         let entry = self.load_guest()?;
         self.kvm.reset_platform()?;

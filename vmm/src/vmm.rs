@@ -18,12 +18,13 @@ use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::terminal::Terminal;
 
 use crate::arch::layout::MMIO_GAP_START;
-use crate::config::{SerialConfig, VmConfig};
+use crate::config::{Incoming, SerialConfig, VmConfig};
 use crate::kvm_vm::{KvmVm, VmError};
 use crate::loader::{GuestImage, LoaderError};
 use crate::machine::{Machine, MachineError, MachineGuard};
 use crate::memory::{self, MemoryError};
-use crate::migration::MigrationState;
+use crate::migration::uri::{Listener, UriError};
+use crate::migration::{self, MigrationState};
 use crate::monitor::{OobContext, QmpDispatcher, PACKAGE, QEMU_VERSION};
 use crate::runstate::RunState;
 use crate::serial_backend::{self, SerialBackend};
@@ -79,6 +80,12 @@ pub enum Error {
     /// The VM is not in a state that allows the operation.
     #[error("the VM is {0}")]
     BadState(RunState),
+    /// `--incoming` could not listen.
+    #[error("--incoming: {0}")]
+    Incoming(#[from] UriError),
+    /// The incoming migration could not start.
+    #[error("--incoming: {0}")]
+    Migration(String),
 }
 
 /// The eventfd the termination signal handler writes to (-1 while there is none).
@@ -102,6 +109,7 @@ pub struct Vmm {
     qmp: Option<(QmpServer, Arc<OobContext>)>,
     signal: TerminateSignal,
     no_reboot: bool,
+    incoming: Option<Listener>,
 }
 
 fn serial_output(config: &SerialConfig) -> Result<SerialOutput, Error> {
@@ -124,11 +132,13 @@ fn serial_output(config: &SerialConfig) -> Result<SerialOutput, Error> {
 
 /// Starts the QMP monitors first of all, so clients get their greeting while the VM is still
 /// being built; in-band commands wait for the event loop.
-fn start_qmp(config: &VmConfig) -> Result<Option<(QmpServer, Arc<OobContext>)>, Error> {
+fn start_qmp(
+    config: &VmConfig,
+    migration: &Arc<MigrationState>,
+) -> Result<Option<(QmpServer, Arc<OobContext>)>, Error> {
     if config.qmp.is_empty() {
         return Ok(None);
     }
-    let migration = Arc::new(MigrationState::new());
     let (major, minor, micro) = QEMU_VERSION;
     let server = QmpServer::start(
         ServerConfig {
@@ -142,7 +152,7 @@ fn start_qmp(config: &VmConfig) -> Result<Option<(QmpServer, Arc<OobContext>)>, 
         },
         Arc::new(api::Commands(OobContext::new(migration.clone()))),
     )?;
-    Ok(Some((server, Arc::new(OobContext::new(migration)))))
+    Ok(Some((server, Arc::new(OobContext::new(migration.clone())))))
 }
 
 impl Vmm {
@@ -152,7 +162,14 @@ impl Vmm {
         // Termination signals are caught before anything else (QMP clients may connect from
         // here on); one that arrives before the event loop runs is handled when it starts.
         let signal = TerminateSignal::install()?;
-        let qmp = start_qmp(&config)?;
+        let migration = Arc::new(MigrationState::new());
+        let qmp = start_qmp(&config, &migration)?;
+        // The incoming address is taken before anything else, so a bad one fails start-up.
+        let incoming = match &config.incoming {
+            Some(Incoming::Uri(uri)) => Some(uri.listen()?),
+            _ => None,
+        };
+        migration.set_autostart(!config.start_paused);
         let image = GuestImage {
             kernel: config.kernel.clone(),
             initrd: config.initrd.clone(),
@@ -162,7 +179,11 @@ impl Vmm {
         };
         let mem = memory::create_guest_memory(config.memory_bytes)?;
         let kvm = KvmVm::new(&mem)?;
-        let entry = crate::loader::load_guest(&mem, &image)?;
+        // An incoming VM gets its RAM and registers from the migration stream.
+        let entry = match config.incoming {
+            None => Some(crate::loader::load_guest(&mem, &image)?),
+            Some(_) => None,
+        };
 
         let power = Arc::new(PowerControl::new()?);
         let below_4g = config.memory_bytes.min(MMIO_GAP_START);
@@ -173,7 +194,7 @@ impl Vmm {
             below_4g,
             above_4g,
             usize::from(config.cpus),
-            config.start_paused,
+            config.start_paused || config.incoming.is_some(),
         )?;
         for (irq, gsi) in &irq_lines {
             kvm.fd()
@@ -184,15 +205,33 @@ impl Vmm {
         let mut vcpus = Vec::with_capacity(usize::from(config.cpus));
         for index in 0..config.cpus {
             let vcpu = Vcpu::new(&kvm, index, config.cpus)?;
-            vcpu.configure_boot(entry)?;
+            if let Some(entry) = entry {
+                vcpu.configure_boot(entry)?;
+            }
             vcpus.push(vcpu);
         }
-        let vm = Arc::new(Vm::new(machine, power, mem, kvm, image, config.name)?);
+        let vm = Arc::new(Vm::new(
+            machine,
+            power,
+            mem,
+            kvm,
+            image,
+            config.name,
+            migration,
+        )?);
+        if config.incoming.is_some() {
+            vm.lock().run_state = RunState::Inmigrate;
+        }
         // Each irqfd keeps its own reference to its eventfd's file; ours can go.
         drop(irq_lines);
         if let Some((server, _)) = &qmp {
-            let server = server.clone();
+            let vm_server = server.clone();
             vm.set_event_sink(Box::new(move |event: Event| {
+                vm_server.emit_event(event.name(), event.data());
+            }));
+            let server = server.clone();
+            vm.migration().set_event_sink(Box::new(move |event: Event| {
+                log::info!("event {}", event.name());
                 server.emit_event(event.name(), event.data());
             }));
         }
@@ -203,6 +242,7 @@ impl Vmm {
             qmp,
             signal,
             no_reboot: config.no_reboot,
+            incoming,
         })
     }
 
@@ -222,6 +262,7 @@ impl Vmm {
             qmp,
             signal,
             no_reboot,
+            incoming,
         } = self;
         vcpu::install_kick_handler()?;
         let _terminal = match serial {
@@ -248,6 +289,9 @@ impl Vmm {
         }
 
         let threads = spawn_vcpu_threads(&vm, vcpus)?;
+        if let Some(listener) = incoming {
+            migration::dest::start(vm.clone(), listener, true).map_err(Error::Migration)?;
+        }
         let result = loop {
             if let Err(e) = event_manager.run() {
                 break Err(Error::EventLoop(format!("{e:?}")));

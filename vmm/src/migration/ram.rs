@@ -1,0 +1,498 @@
+//! Guest RAM as migration sees it: pages numbered 0..n across the RAM regions, their host
+//! addresses, page bitmaps, and KVM dirty logging.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use kvm_bindings::{kvm_userspace_memory_region, KVM_MEM_LOG_DIRTY_PAGES};
+use kvm_ioctls::VmFd;
+use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+
+/// Migration moves guest RAM in pages of this size.
+pub const PAGE_SIZE: usize = 4096;
+const PAGE_SHIFT: u32 = 12;
+
+/// One RAM region: guest-physical start, length, host mapping, first page number.
+#[derive(Debug, Clone, Copy)]
+struct Region {
+    gpa: u64,
+    len: u64,
+    host: usize,
+    first_page: usize,
+}
+
+impl Region {
+    fn pages(&self) -> usize {
+        (self.len >> PAGE_SHIFT) as usize
+    }
+}
+
+/// Errors of RAM bookkeeping.
+#[derive(Debug, thiserror::Error)]
+pub enum RamError {
+    /// Turning dirty logging on or off failed.
+    #[error("cannot {what} dirty logging on memory slot {slot}: {source}")]
+    DirtyLogging {
+        /// "start" or "stop".
+        what: &'static str,
+        /// The slot.
+        slot: u32,
+        /// The KVM error.
+        source: kvm_ioctls::Error,
+    },
+    /// KVM_GET_DIRTY_LOG failed.
+    #[error("cannot read the dirty log of memory slot {slot}: {source}")]
+    DirtyLog {
+        /// The slot.
+        slot: u32,
+        /// The KVM error.
+        source: kvm_ioctls::Error,
+    },
+}
+
+/// The page numbering of guest RAM. Holds host addresses of the VM's mappings: the owner of
+/// the guest memory must outlive it (migration threads hold the `Vm`).
+#[derive(Debug, Clone)]
+pub struct RamMap {
+    regions: Vec<Region>,
+    pages: usize,
+}
+
+impl RamMap {
+    /// The numbering of `mem`'s regions, in order (slot i = region i, as registered).
+    pub fn new(mem: &GuestMemoryMmap) -> Self {
+        let mut regions = Vec::new();
+        let mut pages = 0;
+        for region in mem.iter() {
+            let r = Region {
+                gpa: region.start_addr().0,
+                len: region.len(),
+                host: region.as_ptr() as usize,
+                first_page: pages,
+            };
+            pages += r.pages();
+            regions.push(r);
+        }
+        RamMap { regions, pages }
+    }
+
+    /// Number of pages of guest RAM.
+    pub fn pages(&self) -> usize {
+        self.pages
+    }
+
+    /// Bytes of guest RAM.
+    pub fn bytes(&self) -> u64 {
+        (self.pages as u64) << PAGE_SHIFT
+    }
+
+    /// The (guest-physical start, length) of each region.
+    pub fn layout(&self) -> Vec<(u64, u64)> {
+        self.regions.iter().map(|r| (r.gpa, r.len)).collect()
+    }
+
+    /// Page number of the guest-physical address, if it is RAM.
+    pub fn page_of_gpa(&self, gpa: u64) -> Option<usize> {
+        self.regions
+            .iter()
+            .find(|r| gpa >= r.gpa && gpa - r.gpa < r.len)
+            .map(|r| r.first_page + ((gpa - r.gpa) >> PAGE_SHIFT) as usize)
+    }
+
+    /// Page number of a host address inside guest RAM.
+    pub fn page_of_host(&self, host: u64) -> Option<usize> {
+        self.regions
+            .iter()
+            .find(|r| host >= r.host as u64 && host - (r.host as u64) < r.len)
+            .map(|r| r.first_page + ((host - r.host as u64) >> PAGE_SHIFT) as usize)
+    }
+
+    fn region_of_page(&self, page: usize) -> Option<&Region> {
+        self.regions
+            .iter()
+            .find(|r| page >= r.first_page && page < r.first_page + r.pages())
+    }
+
+    /// Guest-physical address of page `page`.
+    pub fn gpa(&self, page: usize) -> Option<u64> {
+        let r = self.region_of_page(page)?;
+        Some(r.gpa + (((page - r.first_page) as u64) << PAGE_SHIFT))
+    }
+
+    /// Host address of page `page`.
+    pub fn host(&self, page: usize) -> Option<usize> {
+        let r = self.region_of_page(page)?;
+        Some(r.host + ((page - r.first_page) << PAGE_SHIFT))
+    }
+
+    /// The page numbers of `count` pages from `gpa`, if they all lie in one region.
+    pub fn run(&self, gpa: u64, count: usize) -> Option<std::ops::Range<usize>> {
+        if gpa % PAGE_SIZE as u64 != 0 || count == 0 {
+            return None;
+        }
+        let first = self.page_of_gpa(gpa)?;
+        let r = self.region_of_page(first)?;
+        (first + count <= r.first_page + r.pages()).then_some(first..first + count)
+    }
+
+    /// The largest run of pages from `first` (at most `max`) that stays in one region.
+    pub fn clamp_run(&self, first: usize, max: usize) -> usize {
+        self.region_of_page(first)
+            .map(|r| max.min(r.first_page + r.pages() - first))
+            .unwrap_or(0)
+    }
+
+    /// Copies page `page` into `out` (one page long).
+    pub fn read_page(&self, page: usize, out: &mut [u8]) {
+        if let Some(host) = self.host(page) {
+            // SAFETY: `host` is the start of a page inside a live guest mapping (see the type's
+            // contract) and `out` is a separate buffer of at least PAGE_SIZE bytes. vCPUs may
+            // write the page concurrently; migration copes with torn copies through the
+            // dirty log, which resends any page written after this read.
+            unsafe {
+                std::ptr::copy_nonoverlapping(host as *const u8, out.as_mut_ptr(), PAGE_SIZE)
+            };
+        }
+    }
+
+    /// Writes `data` (whole pages) to the pages from `page` on. The caller guarantees no
+    /// userfaultfd registration covers them.
+    pub fn write_pages(&self, page: usize, data: &[u8]) {
+        if let Some(host) = self.host(page) {
+            // SAFETY: the caller checked with `run` that the pages lie in one live mapping;
+            // `data` is a separate buffer; nothing else writes this RAM while it is loaded
+            // (the destination's vCPUs are stopped).
+            unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), host as *mut u8, data.len()) };
+        }
+    }
+
+    /// Zeroes page `page` if it is not zero already (reading a never-touched page maps the
+    /// shared zero page and allocates nothing).
+    pub fn zero_page(&self, page: usize) {
+        if let Some(host) = self.host(page) {
+            // SAFETY: as in `write_pages`: a page of a live mapping nobody else writes now.
+            let slice = unsafe { std::slice::from_raw_parts_mut(host as *mut u8, PAGE_SIZE) };
+            if !is_zero(slice) {
+                slice.fill(0);
+            }
+        }
+    }
+
+    /// Drops the contents of `count` pages from `page`: they read as zero (or fault, when
+    /// registered with userfaultfd) afterwards.
+    pub fn discard(&self, page: usize, count: usize) -> std::io::Result<()> {
+        let Some(host) = self.host(page) else {
+            return Ok(());
+        };
+        // SAFETY: the range is inside one private anonymous guest mapping (callers clamp
+        // runs to a region); MADV_DONTNEED only drops its contents, which is the intent.
+        let ret = unsafe {
+            libc::madvise(
+                host as *mut libc::c_void,
+                count * PAGE_SIZE,
+                libc::MADV_DONTNEED,
+            )
+        };
+        if ret == 0 {
+            Ok(())
+        } else {
+            Err(std::io::Error::last_os_error())
+        }
+    }
+
+    /// Host ranges of every region, for userfaultfd registration.
+    pub fn host_ranges(&self) -> Vec<(usize, usize)> {
+        self.regions
+            .iter()
+            .map(|r| (r.host, r.len as usize))
+            .collect()
+    }
+
+    /// Turns KVM dirty logging on or off for every slot (slot i = region i).
+    pub fn set_dirty_logging(&self, vm: &VmFd, on: bool) -> Result<(), RamError> {
+        for (slot, r) in self.regions.iter().enumerate() {
+            let slot = slot as u32;
+            let region = kvm_userspace_memory_region {
+                slot,
+                flags: if on { KVM_MEM_LOG_DIRTY_PAGES } else { 0 },
+                guest_phys_addr: r.gpa,
+                memory_size: r.len,
+                userspace_addr: r.host as u64,
+            };
+            // SAFETY: the same slot, addresses and mapping as registered at start-up (see
+            // memory::register_memory_slots); only the logging flag changes.
+            unsafe { vm.set_user_memory_region(region) }.map_err(|source| {
+                RamError::DirtyLogging {
+                    what: if on { "start" } else { "stop" },
+                    slot,
+                    source,
+                }
+            })?;
+        }
+        Ok(())
+    }
+
+    /// ORs KVM's dirty log (which KVM then clears) into `dirty`.
+    pub fn sync_dirty_log(&self, vm: &VmFd, dirty: &mut Bitmap) -> Result<(), RamError> {
+        for (slot, r) in self.regions.iter().enumerate() {
+            let slot = slot as u32;
+            let log = vm
+                .get_dirty_log(slot, r.len as usize)
+                .map_err(|source| RamError::DirtyLog { slot, source })?;
+            for (word_index, word) in log.iter().enumerate() {
+                let mut bits = *word;
+                while bits != 0 {
+                    let bit = bits.trailing_zeros() as usize;
+                    bits &= bits - 1;
+                    let page = word_index * 64 + bit;
+                    if page < r.pages() {
+                        dirty.set(r.first_page + page);
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Whether a buffer is all zero bytes.
+pub fn is_zero(bytes: &[u8]) -> bool {
+    let (head, words, tail) = {
+        // SAFETY: reinterpreting initialised bytes as u64 is valid for any bit pattern;
+        // align_to puts only the aligned middle part in `words`.
+        unsafe { bytes.align_to::<u64>() }
+    };
+    head.iter().all(|b| *b == 0) && words.iter().all(|w| *w == 0) && tail.iter().all(|b| *b == 0)
+}
+
+/// A bitmap over page numbers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Bitmap {
+    words: Vec<u64>,
+    len: usize,
+}
+
+impl Bitmap {
+    /// All clear.
+    pub fn new(len: usize) -> Self {
+        Bitmap {
+            words: vec![0; len.div_ceil(64)],
+            len,
+        }
+    }
+
+    /// All set.
+    pub fn full(len: usize) -> Self {
+        let mut b = Bitmap::new(len);
+        b.words.iter_mut().for_each(|w| *w = u64::MAX);
+        b.trim();
+        b
+    }
+
+    fn trim(&mut self) {
+        let extra = self.words.len() * 64 - self.len;
+        if extra > 0 {
+            if let Some(last) = self.words.last_mut() {
+                *last &= u64::MAX >> extra;
+            }
+        }
+    }
+
+    /// Number of bits.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether there are no bits at all.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Sets bit `i`.
+    pub fn set(&mut self, i: usize) {
+        if i < self.len {
+            self.words[i / 64] |= 1 << (i % 64);
+        }
+    }
+
+    /// Clears bit `i`.
+    pub fn clear(&mut self, i: usize) {
+        if i < self.len {
+            self.words[i / 64] &= !(1 << (i % 64));
+        }
+    }
+
+    /// Whether bit `i` is set.
+    pub fn get(&self, i: usize) -> bool {
+        i < self.len && self.words[i / 64] & (1 << (i % 64)) != 0
+    }
+
+    /// Number of set bits.
+    pub fn count(&self) -> usize {
+        self.words.iter().map(|w| w.count_ones() as usize).sum()
+    }
+
+    /// The first set bit at or after `from`.
+    pub fn next_set(&self, from: usize) -> Option<usize> {
+        if from >= self.len {
+            return None;
+        }
+        let mut index = from / 64;
+        let mut word = self.words[index] & (u64::MAX << (from % 64));
+        loop {
+            if word != 0 {
+                let bit = index * 64 + word.trailing_zeros() as usize;
+                return (bit < self.len).then_some(bit);
+            }
+            index += 1;
+            word = *self.words.get(index)?;
+        }
+    }
+
+    /// Every bit flipped.
+    pub fn complement(&self) -> Bitmap {
+        let mut b = Bitmap {
+            words: self.words.iter().map(|w| !w).collect(),
+            len: self.len,
+        };
+        b.trim();
+        b
+    }
+
+    /// The little-endian encoding of the words.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        self.words.iter().flat_map(|w| w.to_le_bytes()).collect()
+    }
+
+    /// Decodes `len` bits from their little-endian encoding; `None` if the size is wrong.
+    pub fn from_bytes(len: usize, bytes: &[u8]) -> Option<Bitmap> {
+        if bytes.len() != len.div_ceil(64) * 8 {
+            return None;
+        }
+        let mut b = Bitmap {
+            words: bytes
+                .chunks_exact(8)
+                .map(|c| {
+                    let mut w = [0u8; 8];
+                    w.copy_from_slice(c);
+                    u64::from_le_bytes(w)
+                })
+                .collect(),
+            len,
+        };
+        b.trim();
+        Some(b)
+    }
+}
+
+/// A bitmap shared between threads without a lock.
+#[derive(Debug)]
+pub struct AtomicBitmap {
+    words: Vec<AtomicU64>,
+    len: usize,
+}
+
+impl AtomicBitmap {
+    /// All clear.
+    pub fn new(len: usize) -> Self {
+        AtomicBitmap {
+            words: (0..len.div_ceil(64)).map(|_| AtomicU64::new(0)).collect(),
+            len,
+        }
+    }
+
+    /// Sets bit `i`.
+    pub fn set(&self, i: usize) {
+        if i < self.len {
+            self.words[i / 64].fetch_or(1 << (i % 64), Ordering::AcqRel);
+        }
+    }
+
+    /// Clears bit `i`.
+    pub fn clear(&self, i: usize) {
+        if i < self.len {
+            self.words[i / 64].fetch_and(!(1 << (i % 64)), Ordering::AcqRel);
+        }
+    }
+
+    /// Whether bit `i` is set.
+    pub fn get(&self, i: usize) -> bool {
+        i < self.len && self.words[i / 64].load(Ordering::Acquire) & (1 << (i % 64)) != 0
+    }
+
+    /// A copy of the current bits.
+    pub fn snapshot(&self) -> Bitmap {
+        Bitmap {
+            words: self
+                .words
+                .iter()
+                .map(|w| w.load(Ordering::Acquire))
+                .collect(),
+            len: self.len,
+        }
+    }
+
+    /// Number of set bits.
+    pub fn count(&self) -> usize {
+        self.words
+            .iter()
+            .map(|w| w.load(Ordering::Acquire).count_ones() as usize)
+            .sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::arch::layout::MIB;
+    use crate::memory::create_guest_memory;
+
+    #[test]
+    fn bitmap_operations() {
+        let mut b = Bitmap::new(130);
+        assert_eq!(b.next_set(0), None);
+        b.set(3);
+        b.set(129);
+        b.set(200);
+        assert_eq!(b.count(), 2);
+        assert_eq!(b.next_set(0), Some(3));
+        assert_eq!(b.next_set(4), Some(129));
+        assert_eq!(b.complement().count(), 128);
+        let round = Bitmap::from_bytes(130, &b.to_bytes()).unwrap();
+        assert_eq!(round, b);
+        assert!(Bitmap::from_bytes(130, &[0; 8]).is_none());
+        assert_eq!(Bitmap::full(130).count(), 130);
+        b.clear(3);
+        assert!(!b.get(3));
+    }
+
+    #[test]
+    fn page_numbering_follows_the_regions() {
+        let mem = create_guest_memory(8 * MIB).unwrap();
+        let ram = RamMap::new(&mem);
+        assert_eq!(ram.pages(), 2048);
+        assert_eq!(ram.gpa(5), Some(5 * 4096));
+        assert_eq!(ram.page_of_gpa(0x5000), Some(5));
+        assert_eq!(ram.page_of_gpa(8 * MIB), None);
+        assert_eq!(ram.run(0x1000, 2), Some(1..3));
+        assert_eq!(ram.run(0x1001, 1), None);
+        assert_eq!(ram.run(8 * MIB - 4096, 2), None);
+        let host = ram.host(7).unwrap() as u64;
+        assert_eq!(ram.page_of_host(host + 100), Some(7));
+    }
+
+    #[test]
+    fn pages_are_written_read_zeroed_and_discarded() {
+        let mem = create_guest_memory(4 * MIB).unwrap();
+        let ram = RamMap::new(&mem);
+        ram.write_pages(2, &[9u8; 2 * PAGE_SIZE]);
+        let mut page = vec![0u8; PAGE_SIZE];
+        ram.read_page(3, &mut page);
+        assert!(page.iter().all(|b| *b == 9));
+        ram.zero_page(3);
+        ram.read_page(3, &mut page);
+        assert!(is_zero(&page));
+        ram.discard(2, 1).unwrap();
+        ram.read_page(2, &mut page);
+        assert!(is_zero(&page));
+    }
+}

@@ -1,0 +1,830 @@
+//! The outgoing side: a migration thread that sends RAM in passes while the guest runs
+//! (precopy), then either stops the guest and sends the rest with the device state, or
+//! switches to postcopy: the destination runs and the source sends what it asks for first
+//! and everything else behind it. A broken connection in postcopy pauses the migration until
+//! `migrate resume=true` reconnects; nothing is lost.
+
+use std::io::{BufReader, BufWriter, Write};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use api::{Event, MigrationStatus};
+
+use super::ram::{is_zero, Bitmap, RamError, RamMap, PAGE_SIZE};
+use super::stream::{self, Kind, PageRun, StreamError};
+use super::uri::{Channel, MigrationUri, UriError};
+use super::{MigrationState, Role};
+use crate::runstate::RunState;
+use crate::snapshot::{MachineState, SnapshotError};
+use crate::vm::Vm;
+
+/// Pages per `RamPages` section (1 MiB).
+const PAGES_PER_SECTION: usize = 256;
+/// Zero-page runs collected before they are sent.
+const ZERO_RUNS_PER_SECTION: usize = 4096;
+/// Write buffer of the channel.
+const WRITE_BUFFER: usize = 1 << 20;
+/// How often a rate-limited or waiting sender looks at page requests.
+const POLL_INTERVAL: Duration = Duration::from_millis(5);
+
+/// Errors of an outgoing migration.
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    /// Connecting failed.
+    #[error(transparent)]
+    Uri(#[from] UriError),
+    /// The stream broke.
+    #[error("{0}")]
+    Stream(#[from] StreamError),
+    /// Dirty logging failed.
+    #[error(transparent)]
+    Ram(#[from] RamError),
+    /// Saving the VM state failed.
+    #[error("cannot save the VM state: {0}")]
+    Snapshot(#[from] SnapshotError),
+    /// The destination reported an error.
+    #[error("the destination failed: {0}")]
+    Destination(String),
+    /// The destination closed the return path.
+    #[error("the destination closed the connection{0}")]
+    Closed(String),
+    /// `migrate_cancel`.
+    #[error("cancelled")]
+    Cancelled,
+    /// The VM cannot be migrated in its state.
+    #[error("{0}")]
+    State(String),
+}
+
+impl From<std::io::Error> for SourceError {
+    fn from(e: std::io::Error) -> Self {
+        SourceError::Stream(StreamError::Io(e))
+    }
+}
+
+/// What the return-path reader hands to the sender.
+#[derive(Debug)]
+enum Reply {
+    Ack,
+    Error(String),
+    RequestPages(PageRun),
+    RecvBitmap(Vec<u8>),
+    ResumeAck,
+    PostcopyRunning,
+    Closed(String),
+}
+
+/// Starts an outgoing migration to `uri` on its own thread. Fails at once (with the
+/// migration untouched) if one is already running or the VM cannot migrate.
+pub fn start(vm: Arc<Vm>, uri: MigrationUri) -> Result<(), String> {
+    let state = vm.migration().clone();
+    if state.role() == Role::Destination && state.is_active() {
+        return Err("The VM is receiving a migration".into());
+    }
+    let ram = RamMap::new(vm.memory());
+    state.begin(Role::Source, ram.bytes()).map_err(|e| e.desc)?;
+    let spawned = std::thread::Builder::new()
+        .name("migration".into())
+        .spawn(move || {
+            let mut source = Source::new(vm, ram);
+            source.run(uri);
+        });
+    if let Err(e) = spawned {
+        state.finish(MigrationStatus::Failed, Some(e.to_string()));
+        return Err(format!("cannot start the migration thread: {e}"));
+    }
+    Ok(())
+}
+
+/// A token-bucket-free limiter: sleeps so that bytes / elapsed stays under the limit.
+struct RateLimit {
+    since: Instant,
+    bytes: u64,
+}
+
+impl RateLimit {
+    fn new() -> Self {
+        RateLimit {
+            since: Instant::now(),
+            bytes: 0,
+        }
+    }
+
+    /// How long to wait before sending more at `limit` bytes/s (0: unlimited).
+    fn delay(&mut self, sent: u64, limit: u64) -> Option<Duration> {
+        self.bytes += sent;
+        if limit == 0 {
+            return None;
+        }
+        let due = Duration::from_secs_f64(self.bytes as f64 / limit as f64);
+        let elapsed = self.since.elapsed();
+        if elapsed > Duration::from_secs(1) && due < elapsed {
+            // Start a new window so a slow phase does not bank a burst.
+            *self = RateLimit::new();
+            return None;
+        }
+        due.checked_sub(elapsed)
+    }
+}
+
+/// The live connection: buffered writer plus the replies of the return path.
+struct Connection {
+    out: BufWriter<Channel>,
+    replies: Option<Receiver<Reply>>,
+}
+
+struct Source {
+    vm: Arc<Vm>,
+    state: Arc<MigrationState>,
+    ram: RamMap,
+    dirty: Bitmap,
+    /// Where the background scan continues.
+    cursor: usize,
+    page_buf: Vec<u8>,
+    zero_runs: Vec<u8>,
+    zero_run_count: usize,
+    sent_bytes: u64,
+    /// The run state before the guest was stopped for the switch-over.
+    stopped_from: Option<RunState>,
+    downtime_start: Option<Instant>,
+    /// Pages the destination asked for in postcopy, served before the background scan.
+    requests: std::collections::VecDeque<PageRun>,
+}
+
+/// Which phase pages are sent in (for the statistics and the rate limit).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    Precopy,
+    Downtime,
+    Postcopy,
+}
+
+impl Source {
+    fn new(vm: Arc<Vm>, ram: RamMap) -> Self {
+        let pages = ram.pages();
+        Source {
+            state: vm.migration().clone(),
+            vm,
+            ram,
+            dirty: Bitmap::full(pages),
+            cursor: 0,
+            page_buf: vec![0u8; PAGES_PER_SECTION * PAGE_SIZE],
+            zero_runs: Vec::new(),
+            zero_run_count: 0,
+            sent_bytes: 0,
+            stopped_from: None,
+            downtime_start: None,
+            requests: Default::default(),
+        }
+    }
+
+    fn run(&mut self, uri: MigrationUri) {
+        let result = self.migrate(&uri);
+        if let Err(e) = self.ram.set_dirty_logging(self.vm.kvm().fd(), false) {
+            log::warn!("{e}");
+        }
+        match result {
+            Ok(()) => {}
+            Err(SourceError::Cancelled) => {
+                self.restart_guest();
+                self.state.finish(MigrationStatus::Cancelled, None);
+            }
+            Err(e) => {
+                log::error!("migration failed: {e}");
+                self.restart_guest();
+                self.state
+                    .finish(MigrationStatus::Failed, Some(e.to_string()));
+            }
+        }
+    }
+
+    fn migrate(&mut self, uri: &MigrationUri) -> Result<(), SourceError> {
+        let mut conn = self.connect(uri)?;
+        self.send_config(&mut conn)?;
+        let postcopy = self.state.postcopy_enabled() && conn.replies.is_some();
+        if postcopy {
+            self.section(&mut conn, Kind::PostcopyAdvise, &[])?;
+        }
+        self.ram.set_dirty_logging(self.vm.kvm().fd(), true)?;
+        let start = self.state_start();
+        self.state.update(|p| p.setup = Some(start.elapsed()));
+        self.state.set_status(MigrationStatus::Active);
+        let mut pass = 0i64;
+        loop {
+            let pass_start = Instant::now();
+            let sent_before = self.sent_bytes;
+            let pages_before = self.dirty.count();
+            let finished = self.send_dirty(&mut conn, Phase::Precopy)?;
+            self.check_replies(&mut conn)?;
+            pass += 1;
+            self.sync_dirty()?;
+            self.state.emit_pass(pass);
+            let elapsed = pass_start.elapsed().as_secs_f64().max(1e-6);
+            let bandwidth = (self.sent_bytes - sent_before) as f64 / elapsed;
+            let remaining = (self.dirty.count() * PAGE_SIZE) as u64;
+            let expected = Duration::from_secs_f64(remaining as f64 / bandwidth.max(1.0));
+            self.state.update(|p| {
+                p.bandwidth = bandwidth;
+                p.remaining = remaining;
+                p.expected_downtime = Some(expected);
+                p.dirty_rate = (self.dirty.count() as f64 / elapsed) as u64;
+                p.pages_per_second = ((pages_before as f64) / elapsed) as u64;
+            });
+            if self.state.postcopy_requested() && postcopy {
+                return self.postcopy(conn, uri);
+            }
+            let limit = Duration::from_millis(self.state.parameters().downtime_limit_ms);
+            if finished && expected <= limit {
+                break;
+            }
+        }
+        self.complete(&mut conn)
+    }
+
+    fn state_start(&self) -> Instant {
+        let mut start = Instant::now();
+        self.state.update(|p| start = p.start.unwrap_or(start));
+        start
+    }
+
+    fn connect(&mut self, uri: &MigrationUri) -> Result<Connection, SourceError> {
+        let channel = uri.connect()?;
+        self.state.set_channel(Some(channel.try_clone()?));
+        let replies = if channel.has_return_path() {
+            Some(spawn_return_path(channel.try_clone()?)?)
+        } else {
+            None
+        };
+        let mut out = BufWriter::with_capacity(WRITE_BUFFER, channel);
+        stream::write_header(&mut out)?;
+        self.count(stream::STREAM_HEADER_LEN as u64, Phase::Precopy);
+        Ok(Connection { out, replies })
+    }
+
+    fn send_config(&mut self, conn: &mut Connection) -> Result<(), SourceError> {
+        let config = super::dest::StreamConfig::of(&self.vm, &self.ram);
+        let json = serde_json::to_vec(&config)
+            .map_err(|e| SourceError::State(format!("cannot encode the configuration: {e}")))?;
+        self.section(conn, Kind::Config, &[&json])
+    }
+
+    fn section(
+        &mut self,
+        conn: &mut Connection,
+        kind: Kind,
+        parts: &[&[u8]],
+    ) -> Result<(), SourceError> {
+        let n = stream::write_section(&mut conn.out, kind, parts)?;
+        self.count(n, self.phase());
+        Ok(())
+    }
+
+    fn phase(&self) -> Phase {
+        match self.state.status() {
+            MigrationStatus::Device => Phase::Downtime,
+            MigrationStatus::PostcopyActive => Phase::Postcopy,
+            _ => Phase::Precopy,
+        }
+    }
+
+    fn count(&mut self, bytes: u64, phase: Phase) {
+        self.sent_bytes += bytes;
+        self.state.update(|p| {
+            p.transferred += bytes;
+            match phase {
+                Phase::Precopy => p.precopy_bytes += bytes,
+                Phase::Downtime => p.downtime_bytes += bytes,
+                Phase::Postcopy => p.postcopy_bytes += bytes,
+            }
+        });
+    }
+
+    /// Reads the dirty log into the dirty bitmap.
+    fn sync_dirty(&mut self) -> Result<(), SourceError> {
+        self.ram
+            .sync_dirty_log(self.vm.kvm().fd(), &mut self.dirty)?;
+        if self.state.take_ram_rewritten() {
+            self.dirty = Bitmap::full(self.ram.pages());
+        }
+        self.cursor = 0;
+        self.state.update(|p| p.sync_count += 1);
+        Ok(())
+    }
+
+    /// Sends every dirty page from the cursor on. Returns false if it stopped early
+    /// because postcopy was asked for.
+    fn send_dirty(&mut self, conn: &mut Connection, phase: Phase) -> Result<bool, SourceError> {
+        let mut limiter = RateLimit::new();
+        while let Some(first) = self.dirty.next_set(self.cursor) {
+            if self.state.cancel_requested() {
+                return Err(SourceError::Cancelled);
+            }
+            if phase == Phase::Precopy && self.state.postcopy_requested() {
+                return Ok(false);
+            }
+            let before = self.sent_bytes;
+            self.send_run(conn, first, phase)?;
+            let limit = match phase {
+                Phase::Precopy => self.state.parameters().max_bandwidth,
+                Phase::Downtime => 0,
+                Phase::Postcopy => self.state.parameters().max_postcopy_bandwidth,
+            };
+            if let Some(delay) = limiter.delay(self.sent_bytes - before, limit) {
+                conn.out.flush()?;
+                if phase == Phase::Postcopy {
+                    self.wait_for_requests(conn, delay)?;
+                } else {
+                    std::thread::sleep(delay);
+                }
+            }
+            if phase == Phase::Postcopy {
+                self.serve_requests(conn)?;
+            } else {
+                self.check_replies(conn)?;
+            }
+        }
+        self.flush_zero_runs(conn)?;
+        self.cursor = 0;
+        Ok(true)
+    }
+
+    /// Sends up to one section's worth of consecutive dirty pages starting at `first`
+    /// (clearing their dirty bits) and moves the cursor past them.
+    fn send_run(
+        &mut self,
+        conn: &mut Connection,
+        first: usize,
+        phase: Phase,
+    ) -> Result<(), SourceError> {
+        let max = self.ram.clamp_run(first, PAGES_PER_SECTION);
+        let mut count = 0;
+        while count < max && self.dirty.get(first + count) {
+            self.dirty.clear(first + count);
+            count += 1;
+        }
+        self.cursor = first + count.max(1);
+        self.send_pages(conn, first, count, phase)
+    }
+
+    /// Sends pages `first..first + count` (one region): zero pages as runs, the others as
+    /// page sections.
+    fn send_pages(
+        &mut self,
+        conn: &mut Connection,
+        first: usize,
+        count: usize,
+        phase: Phase,
+    ) -> Result<(), SourceError> {
+        let mut data_start: Option<usize> = None;
+        let mut data_pages = 0;
+        let (mut zero, mut normal) = (0u64, 0u64);
+        for i in 0..count {
+            let page = first + i;
+            let slot = i * PAGE_SIZE;
+            self.ram
+                .read_page(page, &mut self.page_buf[slot..slot + PAGE_SIZE]);
+            if is_zero(&self.page_buf[slot..slot + PAGE_SIZE]) {
+                zero += 1;
+                if let Some(start) = data_start.take() {
+                    self.send_page_data(conn, first, start, data_pages, phase)?;
+                    data_pages = 0;
+                }
+                self.add_zero_run(conn, page)?;
+            } else {
+                normal += 1;
+                data_start.get_or_insert(i);
+                data_pages += 1;
+            }
+        }
+        if let Some(start) = data_start {
+            self.send_page_data(conn, first, start, data_pages, phase)?;
+        }
+        self.state.update(|p| {
+            p.zero_pages += zero;
+            p.normal_pages += normal;
+        });
+        Ok(())
+    }
+
+    fn send_page_data(
+        &mut self,
+        conn: &mut Connection,
+        first: usize,
+        start: usize,
+        pages: usize,
+        phase: Phase,
+    ) -> Result<(), SourceError> {
+        let gpa = self.ram.gpa(first + start).unwrap_or(0);
+        let data = &self.page_buf[start * PAGE_SIZE..(start + pages) * PAGE_SIZE];
+        let n = stream::write_section(&mut conn.out, Kind::RamPages, &[&gpa.to_le_bytes(), data])?;
+        self.count(n, phase);
+        Ok(())
+    }
+
+    fn add_zero_run(&mut self, conn: &mut Connection, page: usize) -> Result<(), SourceError> {
+        let gpa = self.ram.gpa(page).unwrap_or(0);
+        // Extend the previous run when this page follows it.
+        let len = self.zero_runs.len();
+        if len >= 12 {
+            let mut prev = [0u8; 8];
+            prev.copy_from_slice(&self.zero_runs[len - 12..len - 4]);
+            let mut count = [0u8; 4];
+            count.copy_from_slice(&self.zero_runs[len - 4..]);
+            let (prev, count) = (u64::from_le_bytes(prev), u32::from_le_bytes(count));
+            if prev + u64::from(count) * PAGE_SIZE as u64 == gpa {
+                self.zero_runs[len - 4..].copy_from_slice(&(count + 1).to_le_bytes());
+                return Ok(());
+            }
+        }
+        PageRun {
+            addr: gpa,
+            count: 1,
+        }
+        .encode(&mut self.zero_runs);
+        self.zero_run_count += 1;
+        if self.zero_run_count >= ZERO_RUNS_PER_SECTION {
+            self.flush_zero_runs(conn)?;
+        }
+        Ok(())
+    }
+
+    fn flush_zero_runs(&mut self, conn: &mut Connection) -> Result<(), SourceError> {
+        if self.zero_runs.is_empty() {
+            return Ok(());
+        }
+        let runs = std::mem::take(&mut self.zero_runs);
+        self.zero_run_count = 0;
+        self.section(conn, Kind::RamZero, &[&runs])
+    }
+
+    /// Looks at return-path messages without waiting: an error from the destination ends
+    /// the migration.
+    fn check_replies(&mut self, conn: &mut Connection) -> Result<(), SourceError> {
+        let Some(replies) = &conn.replies else {
+            return Ok(());
+        };
+        loop {
+            match replies.try_recv() {
+                Ok(Reply::Error(e)) => return Err(SourceError::Destination(e)),
+                Ok(Reply::Closed(why)) => return Err(SourceError::Closed(why)),
+                Ok(Reply::RequestPages(run)) => self.requests.push_back(run),
+                Ok(other) => log::debug!("migration: unexpected reply {other:?} in precopy"),
+                Err(_) => return Ok(()),
+            }
+        }
+    }
+
+    /// Waits for the next reply (or the connection's end).
+    fn wait_reply(&mut self, conn: &mut Connection) -> Result<Reply, SourceError> {
+        let replies = conn
+            .replies
+            .as_ref()
+            .ok_or_else(|| SourceError::Closed(" (no return path)".into()))?;
+        loop {
+            if self.state.cancel_requested() {
+                return Err(SourceError::Cancelled);
+            }
+            match replies.recv_timeout(Duration::from_millis(100)) {
+                Ok(Reply::RequestPages(run)) => self.requests.push_back(run),
+                Ok(Reply::Error(e)) => return Err(SourceError::Destination(e)),
+                Ok(Reply::Closed(why)) => return Err(SourceError::Closed(why)),
+                Ok(reply) => return Ok(reply),
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => {
+                    return Err(SourceError::Closed(String::new()))
+                }
+            }
+        }
+    }
+
+    /// Stops the guest for the switch-over (remembering how to restart it on failure) and
+    /// saves its vCPU, VM and device state.
+    fn stop_and_save(&mut self) -> Result<MachineState, SourceError> {
+        let vm = self.vm.clone();
+        let mut machine = vm.lock();
+        let from = machine.run_state;
+        if !matches!(
+            from,
+            RunState::Running | RunState::Paused | RunState::Prelaunch
+        ) {
+            return Err(SourceError::State(format!(
+                "the VM cannot be migrated while it is {from}"
+            )));
+        }
+        if from == RunState::Running {
+            vm.pause_vcpus(&mut machine);
+            vm.emit(Event::Stop);
+        }
+        machine.run_state = RunState::FinishMigrate;
+        self.stopped_from = Some(from);
+        self.downtime_start = Some(Instant::now());
+        self.state.set_status(MigrationStatus::Device);
+        Ok(vm.save_machine_state(&mut machine)?)
+    }
+
+    /// Puts the guest back as it was before the switch-over (after a failure).
+    fn restart_guest(&mut self) {
+        let Some(from) = self.stopped_from.take() else {
+            return;
+        };
+        let mut machine = self.vm.lock();
+        machine.run_state = from;
+        if from == RunState::Running {
+            self.vm.emit(Event::Resume);
+            self.vm.resume_vcpus(&mut machine);
+        }
+    }
+
+    fn finish_guest(&mut self) {
+        self.stopped_from = None;
+        let mut machine = self.vm.lock();
+        machine.run_state = RunState::Postmigrate;
+    }
+
+    fn record_downtime(&self) {
+        if let Some(start) = self.downtime_start {
+            let downtime = start.elapsed();
+            self.state.update(|p| p.downtime = Some(downtime));
+        }
+    }
+
+    /// Stop-and-copy: stop the guest, send the last dirty pages and the device state, and
+    /// wait for the destination to confirm it loaded everything.
+    fn complete(&mut self, conn: &mut Connection) -> Result<(), SourceError> {
+        let device_state = self.stop_and_save()?;
+        self.sync_dirty()?;
+        self.send_dirty(conn, Phase::Downtime)?;
+        let json = serde_json::to_vec(&device_state)
+            .map_err(|e| SourceError::State(format!("cannot encode the VM state: {e}")))?;
+        self.section(conn, Kind::DeviceState, &[&json])?;
+        self.section(conn, Kind::End, &[])?;
+        conn.out.flush()?;
+        if conn.replies.is_some() {
+            match self.wait_reply(conn)? {
+                Reply::Ack => {}
+                other => {
+                    return Err(SourceError::State(format!(
+                        "unexpected reply {other:?} from the destination"
+                    )))
+                }
+            }
+        } else {
+            conn.out.get_ref().sync()?;
+        }
+        self.record_downtime();
+        self.state.update(|p| p.remaining = 0);
+        self.finish_guest();
+        self.state.finish(MigrationStatus::Completed, None);
+        Ok(())
+    }
+
+    /// The switch to postcopy and everything after it.
+    fn postcopy(&mut self, mut conn: Connection, uri: &MigrationUri) -> Result<(), SourceError> {
+        let device_state = self.stop_and_save()?;
+        self.sync_dirty()?;
+        self.send_discards(&mut conn)?;
+        let json = serde_json::to_vec(&device_state)
+            .map_err(|e| SourceError::State(format!("cannot encode the VM state: {e}")))?;
+        self.section(&mut conn, Kind::PostcopyRun, &[&json])?;
+        conn.out.flush()?;
+        match self.wait_reply(&mut conn)? {
+            Reply::PostcopyRunning => {}
+            other => {
+                return Err(SourceError::State(format!(
+                    "unexpected reply {other:?} to the postcopy switch-over"
+                )))
+            }
+        }
+        // From here on the destination runs the guest: failures pause, never fail.
+        self.record_downtime();
+        self.finish_guest();
+        self.state.set_status(MigrationStatus::PostcopyActive);
+        loop {
+            match self.postcopy_send(&mut conn) {
+                Ok(()) => break,
+                Err(e) => {
+                    log::warn!("postcopy interrupted: {e}");
+                    conn = self.pause_until_resumed(uri);
+                }
+            }
+        }
+        self.state.update(|p| p.remaining = 0);
+        self.state.finish(MigrationStatus::Completed, None);
+        Ok(())
+    }
+
+    /// Tells the destination which pages it must drop: those dirtied since it got them.
+    fn send_discards(&mut self, conn: &mut Connection) -> Result<(), SourceError> {
+        let mut runs = Vec::new();
+        let mut page = self.dirty.next_set(0);
+        while let Some(first) = page {
+            let max = self.ram.clamp_run(first, u32::MAX as usize);
+            let mut count = 0;
+            while count < max && self.dirty.get(first + count) {
+                count += 1;
+            }
+            PageRun {
+                addr: self.ram.gpa(first).unwrap_or(0),
+                count: count as u32,
+            }
+            .encode(&mut runs);
+            if runs.len() >= ZERO_RUNS_PER_SECTION * 12 {
+                let batch = std::mem::take(&mut runs);
+                self.section(conn, Kind::PostcopyDiscard, &[&batch])?;
+            }
+            page = self.dirty.next_set(first + count.max(1));
+        }
+        if !runs.is_empty() {
+            self.section(conn, Kind::PostcopyDiscard, &[&runs])?;
+        }
+        Ok(())
+    }
+
+    /// Postcopy: requested pages first, the rest in the background; then End and Ack.
+    fn postcopy_send(&mut self, conn: &mut Connection) -> Result<(), SourceError> {
+        self.serve_requests(conn)?;
+        self.send_dirty(conn, Phase::Postcopy)?;
+        self.section(conn, Kind::End, &[])?;
+        conn.out.flush()?;
+        loop {
+            match self.wait_reply(conn)? {
+                Reply::Ack => return Ok(()),
+                other => log::debug!("migration: reply {other:?} while finishing postcopy"),
+            }
+            self.serve_requests(conn)?;
+        }
+    }
+
+    /// Sends the pages the destination asked for that it does not have yet.
+    fn serve_requests(&mut self, conn: &mut Connection) -> Result<(), SourceError> {
+        self.check_replies(conn)?;
+        let mut served = false;
+        while let Some(run) = self.requests.pop_front() {
+            let Some(pages) = self.ram.run(run.addr, run.count as usize) else {
+                log::warn!("migration: the destination asked for a bad range {run:?}");
+                continue;
+            };
+            self.state.update(|p| p.postcopy_requests += 1);
+            for page in pages {
+                if self.dirty.get(page) {
+                    self.dirty.clear(page);
+                    self.send_pages(conn, page, 1, Phase::Postcopy)?;
+                    served = true;
+                }
+            }
+        }
+        if served {
+            self.flush_zero_runs(conn)?;
+            conn.out.flush()?;
+        }
+        Ok(())
+    }
+
+    /// Waits up to `delay` (the rate limit), serving page requests as they come.
+    fn wait_for_requests(
+        &mut self,
+        conn: &mut Connection,
+        delay: Duration,
+    ) -> Result<(), SourceError> {
+        let until = Instant::now() + delay;
+        while Instant::now() < until {
+            let Some(replies) = &conn.replies else {
+                std::thread::sleep(delay);
+                return Ok(());
+            };
+            let wait = until
+                .saturating_duration_since(Instant::now())
+                .min(POLL_INTERVAL);
+            match replies.recv_timeout(wait) {
+                Ok(Reply::RequestPages(run)) => {
+                    self.requests.push_back(run);
+                    self.serve_requests(conn)?;
+                }
+                Ok(Reply::Error(e)) => return Err(SourceError::Destination(e)),
+                Ok(Reply::Closed(why)) => return Err(SourceError::Closed(why)),
+                Ok(other) => log::debug!("migration: unexpected reply {other:?}"),
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => {
+                    return Err(SourceError::Closed(String::new()))
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Postcopy broke: enter `postcopy-paused` and wait for `migrate resume=true`; retry
+    /// until a reconnection completes the handshake.
+    fn pause_until_resumed(&mut self, _old: &MigrationUri) -> Connection {
+        self.state.set_channel(None);
+        self.state.set_status(MigrationStatus::PostcopyPaused);
+        loop {
+            let uri = self.state.wait_resume_uri();
+            self.state.set_status(MigrationStatus::PostcopyRecoverSetup);
+            match self.resume(&uri) {
+                Ok(conn) => {
+                    self.state.set_status(MigrationStatus::PostcopyActive);
+                    return conn;
+                }
+                Err(e) => {
+                    log::warn!("postcopy recovery failed: {e}");
+                    self.state.set_channel(None);
+                    self.state.set_status(MigrationStatus::PostcopyPaused);
+                }
+            }
+        }
+    }
+
+    /// The recovery handshake: get the destination's received-page bitmap, resend
+    /// everything it lacks.
+    fn resume(&mut self, uri: &MigrationUri) -> Result<Connection, SourceError> {
+        let mut conn = self.connect(uri)?;
+        self.state.set_status(MigrationStatus::PostcopyRecover);
+        self.section(&mut conn, Kind::ResumeRequest, &[])?;
+        conn.out.flush()?;
+        let bitmap = match self.wait_reply(&mut conn)? {
+            Reply::RecvBitmap(bytes) => {
+                Bitmap::from_bytes(self.ram.pages(), &bytes).ok_or_else(|| {
+                    SourceError::State(format!(
+                        "received-page bitmap of {} bytes does not fit {} pages",
+                        bytes.len(),
+                        self.ram.pages()
+                    ))
+                })?
+            }
+            other => {
+                return Err(SourceError::State(format!(
+                    "unexpected reply {other:?} to the resume request"
+                )))
+            }
+        };
+        self.dirty = bitmap.complement();
+        self.cursor = 0;
+        self.requests.clear();
+        self.section(&mut conn, Kind::PostcopyResume, &[])?;
+        conn.out.flush()?;
+        match self.wait_reply(&mut conn)? {
+            Reply::ResumeAck => Ok(conn),
+            other => Err(SourceError::State(format!(
+                "unexpected reply {other:?} to postcopy resume"
+            ))),
+        }
+    }
+}
+
+/// Reads return-path sections on their own thread and forwards them.
+fn spawn_return_path(channel: Channel) -> Result<Receiver<Reply>, SourceError> {
+    let (tx, rx) = mpsc::channel();
+    std::thread::Builder::new()
+        .name("migration-rp".into())
+        .spawn(move || read_return_path(channel, tx))
+        .map_err(|e| SourceError::State(format!("cannot start the return-path thread: {e}")))?;
+    Ok(rx)
+}
+
+fn read_return_path(channel: Channel, tx: Sender<Reply>) {
+    let mut input = BufReader::new(channel);
+    let mut payload = Vec::new();
+    loop {
+        let reply = match stream::read_section(&mut input, &mut payload) {
+            Ok(Kind::Ack) => Reply::Ack,
+            Ok(Kind::Error) => Reply::Error(String::from_utf8_lossy(&payload).into_owned()),
+            Ok(Kind::RequestPages) => match PageRun::decode_all(Kind::RequestPages, &payload) {
+                Ok(runs) => {
+                    let mut ok = true;
+                    for run in runs {
+                        ok &= tx.send(Reply::RequestPages(run)).is_ok();
+                    }
+                    if !ok {
+                        return;
+                    }
+                    continue;
+                }
+                Err(e) => Reply::Closed(format!(": {e}")),
+            },
+            Ok(Kind::RecvBitmap) => Reply::RecvBitmap(std::mem::take(&mut payload)),
+            Ok(Kind::ResumeAck) => Reply::ResumeAck,
+            Ok(Kind::PostcopyRunning) => Reply::PostcopyRunning,
+            Ok(kind) => Reply::Closed(format!(": unexpected {kind:?} on the return path")),
+            Err(StreamError::Eof) => Reply::Closed(String::new()),
+            Err(e) => Reply::Closed(format!(": {e}")),
+        };
+        let closed = matches!(reply, Reply::Closed(_));
+        if tx.send(reply).is_err() || closed {
+            return;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rate_limit_delays_to_the_limit() {
+        let mut limit = RateLimit::new();
+        assert_eq!(limit.delay(1 << 20, 0), None);
+        let delay = limit.delay(1 << 20, 1 << 20).unwrap();
+        assert!(delay > Duration::from_millis(900), "{delay:?}");
+    }
+}

@@ -1,0 +1,378 @@
+//! Migration addresses (`unix:PATH`, `tcp:HOST:PORT`, `file:PATH[,offset=N]`) and the
+//! channels and listeners behind them.
+
+use std::fs::{File, OpenOptions};
+use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::net::{Shutdown, TcpListener, TcpStream, ToSocketAddrs};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::PathBuf;
+
+use api::{InetSocketAddress, SocketAddress, SocketAddressType, UnixSocketAddress};
+
+/// Where a migration goes or comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MigrationUri {
+    /// A unix socket.
+    Unix(PathBuf),
+    /// A TCP address, `host:port`.
+    Tcp(String),
+    /// A file (a snapshot), read or written from `offset`.
+    File {
+        /// The file.
+        path: PathBuf,
+        /// Where the stream starts in it.
+        offset: u64,
+    },
+}
+
+/// Errors parsing, connecting or listening.
+#[derive(Debug, thiserror::Error)]
+pub enum UriError {
+    /// Not a URI this build knows.
+    #[error("unknown migration protocol: {0}")]
+    Protocol(String),
+    /// A URI of a known kind with a bad address.
+    #[error("invalid migration URI '{uri}': {reason}")]
+    Invalid {
+        /// The URI.
+        uri: String,
+        /// What is wrong.
+        reason: &'static str,
+    },
+    /// Connecting, binding or opening failed.
+    #[error("Failed to {what} '{addr}': {source}")]
+    Io {
+        /// connect to, listen on, open.
+        what: &'static str,
+        /// The address.
+        addr: String,
+        /// The OS error.
+        source: io::Error,
+    },
+}
+
+impl MigrationUri {
+    /// Parses QEMU's legacy URI syntax.
+    pub fn parse(uri: &str) -> Result<MigrationUri, UriError> {
+        let invalid = |reason| UriError::Invalid {
+            uri: uri.to_string(),
+            reason,
+        };
+        if let Some(path) = uri.strip_prefix("unix:") {
+            if path.is_empty() {
+                return Err(invalid("empty socket path"));
+            }
+            return Ok(MigrationUri::Unix(PathBuf::from(path)));
+        }
+        if let Some(addr) = uri.strip_prefix("tcp:") {
+            let valid = addr
+                .rsplit_once(':')
+                .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok());
+            if !valid {
+                return Err(invalid("expected tcp:HOST:PORT"));
+            }
+            return Ok(MigrationUri::Tcp(addr.to_string()));
+        }
+        if let Some(spec) = uri.strip_prefix("file:") {
+            let (path, offset) = match spec.rsplit_once(",offset=") {
+                Some((path, offset)) => (
+                    path,
+                    parse_offset(offset).ok_or_else(|| invalid("bad offset"))?,
+                ),
+                None => (spec, 0),
+            };
+            if path.is_empty() {
+                return Err(invalid("empty file name"));
+            }
+            return Ok(MigrationUri::File {
+                path: PathBuf::from(path),
+                offset,
+            });
+        }
+        let scheme = uri.split(':').next().unwrap_or(uri);
+        Err(UriError::Protocol(scheme.to_string()))
+    }
+
+    /// Whether the destination can answer over this kind of channel (sockets can, files
+    /// cannot); postcopy needs it.
+    pub fn has_return_path(&self) -> bool {
+        !matches!(self, MigrationUri::File { .. })
+    }
+
+    /// Connects to the destination (source side). A file is created or truncated.
+    pub fn connect(&self) -> Result<Channel, UriError> {
+        match self {
+            MigrationUri::Unix(path) => {
+                UnixStream::connect(path)
+                    .map(Channel::Unix)
+                    .map_err(|source| UriError::Io {
+                        what: "connect to",
+                        addr: path.display().to_string(),
+                        source,
+                    })
+            }
+            MigrationUri::Tcp(addr) => {
+                let stream = TcpStream::connect(addr).map_err(|source| UriError::Io {
+                    what: "connect to",
+                    addr: addr.clone(),
+                    source,
+                })?;
+                // Page requests are small and urgent.
+                let _ = stream.set_nodelay(true);
+                Ok(Channel::Tcp(stream))
+            }
+            MigrationUri::File { path, offset } => {
+                let io_err = |source| UriError::Io {
+                    what: "open",
+                    addr: path.display().to_string(),
+                    source,
+                };
+                let mut file = OpenOptions::new()
+                    .write(true)
+                    .create(true)
+                    .truncate(*offset == 0)
+                    .open(path)
+                    .map_err(io_err)?;
+                file.seek(SeekFrom::Start(*offset)).map_err(io_err)?;
+                Ok(Channel::File(file))
+            }
+        }
+    }
+
+    /// Starts listening (destination side). A file is opened for reading.
+    pub fn listen(&self) -> Result<Listener, UriError> {
+        match self {
+            MigrationUri::Unix(path) => {
+                // A stale socket file from an earlier run would make bind fail.
+                if std::fs::symlink_metadata(path)
+                    .map(|m| std::os::unix::fs::FileTypeExt::is_socket(&m.file_type()))
+                    .unwrap_or(false)
+                {
+                    let _ = std::fs::remove_file(path);
+                }
+                UnixListener::bind(path)
+                    .map(|l| Listener::Unix(l, path.clone()))
+                    .map_err(|source| UriError::Io {
+                        what: "listen on",
+                        addr: path.display().to_string(),
+                        source,
+                    })
+            }
+            MigrationUri::Tcp(addr) => {
+                let io_err = |source| UriError::Io {
+                    what: "listen on",
+                    addr: addr.clone(),
+                    source,
+                };
+                let addrs: Vec<_> = addr.to_socket_addrs().map_err(io_err)?.collect();
+                TcpListener::bind(&addrs[..])
+                    .map(Listener::Tcp)
+                    .map_err(io_err)
+            }
+            MigrationUri::File { path, offset } => {
+                let io_err = |source| UriError::Io {
+                    what: "open",
+                    addr: path.display().to_string(),
+                    source,
+                };
+                let mut file = File::open(path).map_err(io_err)?;
+                file.seek(SeekFrom::Start(*offset)).map_err(io_err)?;
+                Ok(Listener::File(Some(file)))
+            }
+        }
+    }
+}
+
+fn parse_offset(text: &str) -> Option<u64> {
+    match text.strip_prefix("0x") {
+        Some(hex) => u64::from_str_radix(hex, 16).ok(),
+        None => text.parse().ok(),
+    }
+}
+
+/// A connected migration channel.
+#[derive(Debug)]
+pub enum Channel {
+    /// A unix socket.
+    Unix(UnixStream),
+    /// A TCP connection.
+    Tcp(TcpStream),
+    /// A file.
+    File(File),
+}
+
+impl Channel {
+    /// A second handle on the same channel (for the return path, and to shut it down from
+    /// another thread).
+    pub fn try_clone(&self) -> io::Result<Channel> {
+        Ok(match self {
+            Channel::Unix(s) => Channel::Unix(s.try_clone()?),
+            Channel::Tcp(s) => Channel::Tcp(s.try_clone()?),
+            Channel::File(f) => Channel::File(f.try_clone()?),
+        })
+    }
+
+    /// Whether the other side can answer.
+    pub fn has_return_path(&self) -> bool {
+        !matches!(self, Channel::File(_))
+    }
+
+    /// Breaks the connection in both directions: blocked reads and writes on every handle
+    /// fail at once. Does not block. Files are left alone.
+    pub fn shutdown(&self) {
+        let result = match self {
+            Channel::Unix(s) => s.shutdown(Shutdown::Both),
+            Channel::Tcp(s) => s.shutdown(Shutdown::Both),
+            Channel::File(_) => Ok(()),
+        };
+        if let Err(e) = result {
+            log::debug!("migration channel shutdown: {e}");
+        }
+    }
+
+    /// Makes a file's contents durable (no-op for sockets).
+    pub fn sync(&self) -> io::Result<()> {
+        match self {
+            Channel::File(f) => f.sync_data(),
+            _ => Ok(()),
+        }
+    }
+}
+
+impl Read for Channel {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Channel::Unix(s) => s.read(buf),
+            Channel::Tcp(s) => s.read(buf),
+            Channel::File(f) => f.read(buf),
+        }
+    }
+}
+
+impl Write for Channel {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            Channel::Unix(s) => s.write(buf),
+            Channel::Tcp(s) => s.write(buf),
+            Channel::File(f) => f.write(buf),
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// A listening endpoint of an incoming migration.
+#[derive(Debug)]
+pub enum Listener {
+    /// A unix socket (removed when dropped).
+    Unix(UnixListener, PathBuf),
+    /// A TCP socket.
+    Tcp(TcpListener),
+    /// A file, handed out once.
+    File(Option<File>),
+}
+
+impl Listener {
+    /// Waits for the source.
+    pub fn accept(&mut self) -> io::Result<Channel> {
+        match self {
+            Listener::Unix(l, _) => l.accept().map(|(s, _)| Channel::Unix(s)),
+            Listener::Tcp(l) => {
+                let (s, _) = l.accept()?;
+                let _ = s.set_nodelay(true);
+                Ok(Channel::Tcp(s))
+            }
+            Listener::File(f) => f.take().map(Channel::File).ok_or_else(|| {
+                io::Error::new(io::ErrorKind::UnexpectedEof, "the file was already read")
+            }),
+        }
+    }
+
+    /// Where it listens, as query-migrate's `socket-address` reports it.
+    pub fn socket_address(&self) -> Option<SocketAddress> {
+        match self {
+            Listener::Unix(_, path) => Some(SocketAddress {
+                r#type: SocketAddressType::Unix,
+                inet: None,
+                unix: Some(UnixSocketAddress {
+                    path: path.display().to_string(),
+                }),
+            }),
+            Listener::Tcp(l) => l.local_addr().ok().map(|a| SocketAddress {
+                r#type: SocketAddressType::Inet,
+                inet: Some(InetSocketAddress {
+                    host: a.ip().to_string(),
+                    port: a.port().to_string(),
+                }),
+                unix: None,
+            }),
+            Listener::File(_) => None,
+        }
+    }
+}
+
+impl Drop for Listener {
+    fn drop(&mut self) {
+        if let Listener::Unix(_, path) = self {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_qemu_uris() {
+        assert_eq!(
+            MigrationUri::parse("unix:/tmp/m.sock").unwrap(),
+            MigrationUri::Unix("/tmp/m.sock".into())
+        );
+        assert_eq!(
+            MigrationUri::parse("tcp:127.0.0.1:4444").unwrap(),
+            MigrationUri::Tcp("127.0.0.1:4444".into())
+        );
+        assert_eq!(
+            MigrationUri::parse("file:/tmp/snap,offset=0x1000").unwrap(),
+            MigrationUri::File {
+                path: "/tmp/snap".into(),
+                offset: 4096
+            }
+        );
+    }
+
+    #[test]
+    fn bad_uris_say_why() {
+        assert_eq!(
+            MigrationUri::parse("exec:cat").unwrap_err().to_string(),
+            "unknown migration protocol: exec"
+        );
+        assert!(MigrationUri::parse("tcp:nohost").is_err());
+        assert!(MigrationUri::parse("tcp:h:99999").is_err());
+        assert!(MigrationUri::parse("unix:").is_err());
+        assert!(MigrationUri::parse("file:x,offset=zz").is_err());
+        assert!(MigrationUri::parse("nonsense").is_err());
+    }
+
+    #[test]
+    fn unix_listen_connect_and_shutdown() {
+        let dir = std::env::temp_dir().join(format!("skiff-uri-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let uri = MigrationUri::Unix(dir.join("s"));
+        let mut listener = uri.listen().unwrap();
+        let mut out = uri.connect().unwrap();
+        let mut input = listener.accept().unwrap();
+        out.write_all(b"hi").unwrap();
+        let mut buf = [0u8; 2];
+        input.read_exact(&mut buf).unwrap();
+        assert_eq!(&buf, b"hi");
+        input.try_clone().unwrap().shutdown();
+        assert_eq!(input.read(&mut buf).unwrap(), 0);
+        drop(listener);
+        assert!(!dir.join("s").exists());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
