@@ -162,6 +162,20 @@ fn helper_image_layout() {
     assert_eq!(image.bytes(), &[1, 2, 0, 0, 0, 0, 0, 0, 3]);
 }
 
+/// Documents whether this host's KVM serves repeated vCPU faults on userfaultfd-registered
+/// guest RAM (what postcopy migration's destination needs). Always passes; read its output
+/// with `--nocapture`. kvm-here.md predicts `Ok(false)` on our software-nested development
+/// hosts; measured `Ok(true)` in both scopes (see `common::kvm::userfault_probe`).
+#[test]
+fn host_userfaultfd_vcpu_faults() {
+    use common::kvm::{userfault_probe, userfault_vcpu_faults_work, UffdProbeScope};
+    for scope in [UffdProbeScope::DataPages, UffdProbeScope::AllRam] {
+        eprintln!("host: {scope:?} missing: {:?}", userfault_probe(scope));
+    }
+    let result = userfault_vcpu_faults_work();
+    eprintln!("host: a vCPU runs on userfaultfd-served RAM: {result:?}");
+}
+
 // ---------------------------------------------------------------------------------------------
 // 1. Serial output and the exit device.
 // ---------------------------------------------------------------------------------------------

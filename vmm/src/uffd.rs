@@ -22,10 +22,12 @@
 //! ioctls, one `read` and `mincore`, with the structures below taken from
 //! `include/uapi/linux/userfaultfd.h`.
 //!
-//! On our development hosts (a software nested KVM, see `/work/shared/reference/kvm-here.md`)
-//! host threads fault and resume normally, but a vCPU survives only its first missing page:
-//! the next one ends in `KVM_EXIT_SHUTDOWN`. The integration tests probe this
-//! (`tests/common/kvm.rs`, `userfault_vcpu_faults_work`).
+//! Checked on our development host (software nested KVM, see
+//! `/work/shared/reference/kvm-here.md`) with the integration tests' probe
+//! (`tests/common/kvm.rs`, `userfault_probe`): with this fd a vCPU whose page tables, code and
+//! data all start missing runs to completion, each page placed by a thread; with a
+//! `UFFD_USER_MODE_ONLY` fd no fault reaches the thread and KVM reports the access as an MMIO
+//! exit or KVM_EXIT_SHUTDOWN.
 
 use std::fs::OpenOptions;
 use std::io;
