@@ -14,7 +14,7 @@ use api::{Event, MigrationStatus, ShutdownCause};
 use serde::{Deserialize, Serialize};
 use vmm_sys_util::eventfd::EventFd;
 
-use super::ram::{AtomicBitmap, RamMap, PAGE_SIZE};
+use super::ram::{AtomicBitmap, Bitmap, RamMap, PAGE_SIZE};
 use super::stream::{self, Kind, PageRun, StreamError};
 use super::uri::{Channel, Listener};
 use super::{MigrationState, Role};
@@ -357,6 +357,9 @@ struct Dest {
     state: Arc<MigrationState>,
     ram: RamMap,
     received: Arc<AtomicBitmap>,
+    /// Pages this side wrote data to: the others are still untouched (an incoming VM's RAM
+    /// starts unpopulated), so a zero page needs no work there.
+    written: Bitmap,
     rp: Arc<ReturnPath>,
     postcopy: Option<Postcopy>,
     stage: Stage,
@@ -372,6 +375,7 @@ impl Dest {
             vm,
             ram,
             received: Arc::new(AtomicBitmap::new(pages)),
+            written: Bitmap::new(pages),
             rp: Arc::new(ReturnPath::default()),
             postcopy: None,
             stage: Stage::Start,
@@ -539,6 +543,7 @@ impl Dest {
         self.ram.write_pages(pages.start, data);
         for page in pages {
             self.received.set(page);
+            self.written.set(page);
         }
         Ok(())
     }
@@ -564,7 +569,10 @@ impl Dest {
                 continue;
             }
             for page in pages {
-                self.ram.zero_page(page);
+                if self.written.get(page) {
+                    self.ram.zero_page(page);
+                    self.written.clear(page);
+                }
                 self.received.set(page);
             }
         }
@@ -578,6 +586,7 @@ impl Dest {
                 .map_err(DestError::Discard)?;
             for page in pages {
                 self.received.clear(page);
+                self.written.clear(page);
             }
         }
         Ok(())

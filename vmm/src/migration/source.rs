@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use api::{Event, MigrationStatus};
 
-use super::ram::{is_zero, Bitmap, RamError, RamMap, PAGE_SIZE};
+use super::ram::{is_zero, Bitmap, PageMap, RamError, RamMap, PAGE_SIZE};
 use super::stream::{self, Kind, PageRun, StreamError};
 use super::uri::{Channel, MigrationUri, UriError};
 use super::{MigrationState, Role};
@@ -150,6 +150,9 @@ struct Source {
     downtime_start: Option<Instant>,
     /// Pages the destination asked for in postcopy, served before the background scan.
     requests: std::collections::VecDeque<PageRun>,
+    /// Finds never-populated pages, which are sent as zero without being read.
+    page_map: Option<PageMap>,
+    unpopulated: Vec<bool>,
 }
 
 /// Which phase pages are sent in (for the statistics and the rate limit).
@@ -176,6 +179,10 @@ impl Source {
             stopped_from: None,
             downtime_start: None,
             requests: Default::default(),
+            page_map: PageMap::open()
+                .map_err(|e| log::warn!("cannot open the page map, reading every page: {e}"))
+                .ok(),
+            unpopulated: Vec::new(),
         }
     }
 
@@ -379,12 +386,16 @@ impl Source {
         let mut data_start: Option<usize> = None;
         let mut data_pages = 0;
         let (mut zero, mut normal) = (0u64, 0u64);
+        self.find_unpopulated(first, count);
         for i in 0..count {
             let page = first + i;
             let slot = i * PAGE_SIZE;
-            self.ram
-                .read_page(page, &mut self.page_buf[slot..slot + PAGE_SIZE]);
-            if is_zero(&self.page_buf[slot..slot + PAGE_SIZE]) {
+            let untouched = self.unpopulated.get(i).copied().unwrap_or(false);
+            if !untouched {
+                self.ram
+                    .read_page(page, &mut self.page_buf[slot..slot + PAGE_SIZE]);
+            }
+            if untouched || is_zero(&self.page_buf[slot..slot + PAGE_SIZE]) {
                 zero += 1;
                 if let Some(start) = data_start.take() {
                     self.send_page_data(conn, first, start, data_pages, phase)?;
@@ -405,6 +416,18 @@ impl Source {
             p.normal_pages += normal;
         });
         Ok(())
+    }
+
+    /// Fills `self.unpopulated` for pages `first..first + count` (all false when unknown).
+    fn find_unpopulated(&mut self, first: usize, count: usize) {
+        self.unpopulated.clear();
+        if let (Some(map), Some(host)) = (self.page_map.as_mut(), self.ram.host(first)) {
+            if let Err(e) = map.unpopulated(host, count, &mut self.unpopulated) {
+                log::warn!("cannot read the page map, reading every page: {e}");
+                self.page_map = None;
+                self.unpopulated.clear();
+            }
+        }
     }
 
     fn send_page_data(
