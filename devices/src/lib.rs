@@ -15,3 +15,4 @@ pub mod acpi;
 pub mod bus;
 pub mod legacy;
 pub mod power;
+pub mod virtio;
