@@ -441,7 +441,8 @@ impl<D: VirtioDevice, I: VirtioInterrupt> MmioTransport<D, I> {
             _ => Ok(()),
         };
         match result {
-            Ok(()) => self.broken[index] = false,
+            Ok(()) => {}
+            // Sticky until reset: later writes cannot be trusted to have repaired it.
             Err(e) => {
                 log::warn!("virtio-mmio: queue {index}: rejected setup value {value:#x} at {offset:#x}: {e}");
                 self.broken[index] = true;

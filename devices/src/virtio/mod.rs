@@ -195,3 +195,8 @@ pub(crate) fn process_chains(
     }
     used && needs_interrupt(queue, mem)
 }
+
+#[cfg(test)]
+mod test_utils;
+#[cfg(test)]
+mod tests;

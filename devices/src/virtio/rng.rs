@@ -36,7 +36,7 @@ pub enum RngError {
 pub struct RngState {}
 
 /// Fills `buf` from the kernel's entropy pool.
-fn getrandom(buf: &mut [u8]) -> Result<(), RngError> {
+pub(crate) fn getrandom(buf: &mut [u8]) -> Result<(), RngError> {
     let mut done = 0;
     while done < buf.len() {
         let rest = &mut buf[done..];

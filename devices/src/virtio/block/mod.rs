@@ -319,6 +319,19 @@ impl Block {
         }
         let header = RequestHeader::parse(&hdr);
         let data_out_len = readable.len() - HEADER_LEN as u64;
+        let misdirected = match header.request_type {
+            RequestType::In | RequestType::GetId => data_out_len != 0,
+            RequestType::Out => data_in_len != 0,
+            _ => false,
+        };
+        if misdirected {
+            log::debug!(
+                "virtio-blk: {:?} request with data buffers of the wrong direction",
+                header.request_type
+            );
+            self.stats.invalid_operations += 1;
+            return Completion::status(VIRTIO_BLK_S_IOERR);
+        }
         match header.request_type {
             RequestType::In => self.read(mem, header.sector, writable, data_in_len),
             RequestType::Out => self.write(mem, header.sector, readable, data_out_len),
