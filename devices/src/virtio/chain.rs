@@ -175,12 +175,15 @@ impl<'a> Segments<'a> {
     }
 
     /// Copies `buf.len()` bytes starting at `offset` from guest memory into `buf`.
-    pub fn read_at(&self, mem: &GuestMemory, offset: u64, buf: &mut [u8]) -> Result<(), ChainError> {
+    pub fn read_at(
+        &self,
+        mem: &GuestMemory,
+        offset: u64,
+        buf: &mut [u8],
+    ) -> Result<(), ChainError> {
         let mut done = 0usize;
         self.for_each_range(offset, buf.len() as u64, |addr, n| {
-            let dst = buf
-                .get_mut(done..done + n)
-                .ok_or(ChainError::ShortChain)?;
+            let dst = buf.get_mut(done..done + n).ok_or(ChainError::ShortChain)?;
             mem.read_slice(dst, addr)
                 .map_err(|_| ChainError::Memory(addr.0))?;
             done += n;

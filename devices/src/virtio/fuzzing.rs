@@ -150,7 +150,10 @@ pub fn fuzz_net(data: &[u8]) {
         return;
     };
     // Whatever TX put in the loopback comes back on RX; add one frame of our own too.
-    let frame_len = data.get(1).map_or(0, |&b| usize::from(b) * 8).min(data.len());
+    let frame_len = data
+        .get(1)
+        .map_or(0, |&b| usize::from(b) * 8)
+        .min(data.len());
     let _ = t.device_mut().backend_mut().inject(&data[..frame_len]);
     t.process_backend();
     t.notify_queue(0);

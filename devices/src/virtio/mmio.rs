@@ -373,18 +373,15 @@ impl<D: VirtioDevice, I: VirtioInterrupt> MmioTransport<D, I> {
             REG_DRIVER_FEATURES_SEL => self.driver_features_sel = value,
             REG_QUEUE_SEL => self.queue_sel = value,
             REG_DRIVER_FEATURES => self.write_driver_features(value),
-            REG_QUEUE_NUM
-            | REG_QUEUE_READY
-            | REG_QUEUE_DESC_LOW
-            | REG_QUEUE_DESC_HIGH
-            | REG_QUEUE_AVAIL_LOW
-            | REG_QUEUE_AVAIL_HIGH
-            | REG_QUEUE_USED_LOW
+            REG_QUEUE_NUM | REG_QUEUE_READY | REG_QUEUE_DESC_LOW | REG_QUEUE_DESC_HIGH
+            | REG_QUEUE_AVAIL_LOW | REG_QUEUE_AVAIL_HIGH | REG_QUEUE_USED_LOW
             | REG_QUEUE_USED_HIGH => self.write_queue_register(offset, value),
             QUEUE_NOTIFY_OFFSET => self.notify_queue(value),
             REG_INTERRUPT_ACK => self.interrupt_status &= !value,
             REG_STATUS => self.write_status(value),
-            _ => log::debug!("virtio-mmio: write of {value:#x} to read-only or unknown register {offset:#x}"),
+            _ => log::debug!(
+                "virtio-mmio: write of {value:#x} to read-only or unknown register {offset:#x}"
+            ),
         }
     }
 
@@ -407,14 +404,19 @@ impl<D: VirtioDevice, I: VirtioInterrupt> MmioTransport<D, I> {
         if self.status & VIRTIO_CONFIG_S_FEATURES_OK == 0
             || self.status & VIRTIO_CONFIG_S_DRIVER_OK != 0
         {
-            log::debug!("virtio-mmio: queue setup write to {offset:#x} outside queue setup ignored");
+            log::debug!(
+                "virtio-mmio: queue setup write to {offset:#x} outside queue setup ignored"
+            );
             return;
         }
         let Some(index) = usize::try_from(self.queue_sel)
             .ok()
             .filter(|&i| i < self.queues.len())
         else {
-            log::debug!("virtio-mmio: queue setup write for missing queue {}", self.queue_sel);
+            log::debug!(
+                "virtio-mmio: queue setup write for missing queue {}",
+                self.queue_sel
+            );
             return;
         };
         let queue = &mut self.queues[index];
@@ -462,7 +464,10 @@ impl<D: VirtioDevice, I: VirtioInterrupt> MmioTransport<D, I> {
         }
         let new = value & !old;
         if new & VIRTIO_CONFIG_S_FAILED != 0 {
-            log::warn!("virtio-mmio: driver gave up on device type {}", self.device.device_type());
+            log::warn!(
+                "virtio-mmio: driver gave up on device type {}",
+                self.device.device_type()
+            );
             self.status |= VIRTIO_CONFIG_S_FAILED;
             return;
         }
@@ -475,14 +480,20 @@ impl<D: VirtioDevice, I: VirtioInterrupt> MmioTransport<D, I> {
         ];
         let known: u32 = steps.iter().map(|(bit, _)| bit).sum();
         if new & !known != 0 {
-            log::debug!("virtio-mmio: driver set unknown status bits {:#x}; ignored", new & !known);
+            log::debug!(
+                "virtio-mmio: driver set unknown status bits {:#x}; ignored",
+                new & !known
+            );
         }
         for (bit, needs) in steps {
             if new & bit == 0 {
                 continue;
             }
             if self.status & needs != needs {
-                log::warn!("virtio-mmio: status bit {bit:#x} set out of order (status {:#x}); ignored", self.status);
+                log::warn!(
+                    "virtio-mmio: status bit {bit:#x} set out of order (status {:#x}); ignored",
+                    self.status
+                );
                 return;
             }
             match bit {
@@ -535,8 +546,7 @@ impl<D: VirtioDevice, I: VirtioInterrupt> MmioTransport<D, I> {
         self.activated = true;
         // Buffers made available before DRIVER_OK (whose notifications were ignored).
         for i in 0..self.queues.len() {
-            if self.queues[i].ready() && self.device.process_queue(i, &mut self.queues, &self.mem)
-            {
+            if self.queues[i].ready() && self.device.process_queue(i, &mut self.queues, &self.mem) {
                 self.signal_used_buffers();
             }
         }
@@ -635,7 +645,9 @@ impl<D: VirtioDevice, I: VirtioInterrupt> MmioTransport<D, I> {
             })
             .map_err(|e| MmioError::Queues(format!("queue {i}: {e}")))?;
             if state.activated && q.ready() && !snap.broken && !q.is_valid(&self.mem) {
-                return Err(MmioError::Queues(format!("queue {i} is outside guest memory")));
+                return Err(MmioError::Queues(format!(
+                    "queue {i} is outside guest memory"
+                )));
             }
             queues.push(q);
         }
@@ -680,7 +692,10 @@ impl<D: VirtioDevice, I: VirtioInterrupt> BusDevice for MmioTransport<D, I> {
             return;
         }
         let Ok(bytes) = <[u8; 4]>::try_from(data) else {
-            log::debug!("virtio-mmio: {}-byte write at {offset:#x} ignored", data.len());
+            log::debug!(
+                "virtio-mmio: {}-byte write at {offset:#x} ignored",
+                data.len()
+            );
             return;
         };
         if offset % 4 != 0 {

@@ -79,7 +79,11 @@ pub fn add_chain(vq: &MockSplitQueue<'_, GuestMemory>, at: u16, descs: &[(u64, u
         .enumerate()
         .map(|(i, &(addr, len, flags))| {
             let last = i + 1 == descs.len();
-            let flags = if last { flags } else { flags | VRING_DESC_F_NEXT };
+            let flags = if last {
+                flags
+            } else {
+                flags | VRING_DESC_F_NEXT
+            };
             RawDescriptor::from(Descriptor::new(addr, len, flags as u16, at + i as u16 + 1))
         })
         .collect();
@@ -112,6 +116,11 @@ pub fn used_idx(vq: &MockSplitQueue<'_, GuestMemory>) -> u16 {
 
 /// Used element `i`: (head, len).
 pub fn used_elem(vq: &MockSplitQueue<'_, GuestMemory>, i: u16) -> (u32, u32) {
-    let e: VirtqUsedElem = vq.used().ring().ref_at(usize::from(i % QSIZE)).unwrap().load();
+    let e: VirtqUsedElem = vq
+        .used()
+        .ring()
+        .ref_at(usize::from(i % QSIZE))
+        .unwrap()
+        .load();
     (e.id(), e.len())
 }

@@ -40,8 +40,10 @@ pub struct DiskFile {
 }
 
 fn fallocate(file: &File, mode: libc::c_int, offset: u64, len: u64) -> io::Result<()> {
-    let offset = libc::off64_t::try_from(offset).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
-    let len = libc::off64_t::try_from(len).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+    let offset =
+        libc::off64_t::try_from(offset).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+    let len =
+        libc::off64_t::try_from(len).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
     loop {
         // SAFETY: fallocate only acts on the fd, which `file` keeps open for the call.
         let ret = unsafe { libc::fallocate64(file.as_raw_fd(), mode, offset, len) };
@@ -219,7 +221,12 @@ impl DiskFile {
     }
 
     /// Zeroes a byte range, without deallocating it unless `may_unmap`.
-    pub fn write_zeroes(&mut self, offset: u64, len: u64, may_unmap: bool) -> Result<(), DiskError> {
+    pub fn write_zeroes(
+        &mut self,
+        offset: u64,
+        len: u64,
+        may_unmap: bool,
+    ) -> Result<(), DiskError> {
         if len == 0 {
             return Ok(());
         }
@@ -235,7 +242,9 @@ impl DiskFile {
             ) {
                 Ok(()) => return Ok(()),
                 Err(e) if is_unsupported(&e) => {
-                    log::debug!("virtio-blk: FALLOC_FL_ZERO_RANGE unsupported ({e}); writing zeroes");
+                    log::debug!(
+                        "virtio-blk: FALLOC_FL_ZERO_RANGE unsupported ({e}); writing zeroes"
+                    );
                     self.zero_range = false;
                 }
                 Err(e) => return Err(e.into()),
@@ -243,11 +252,14 @@ impl DiskFile {
         }
         let mut done = 0u64;
         while done < len {
-            let n = usize::try_from(len - done).unwrap_or(ZERO_CHUNK).min(ZERO_CHUNK);
+            let n = usize::try_from(len - done)
+                .unwrap_or(ZERO_CHUNK)
+                .min(ZERO_CHUNK);
             let at = libc::off64_t::try_from(offset + done)
                 .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
             // SAFETY: ZEROES is a static buffer of ZERO_CHUNK >= n readable bytes.
-            let ret = unsafe { libc::pwrite64(self.file.as_raw_fd(), ZEROES.as_ptr().cast(), n, at) };
+            let ret =
+                unsafe { libc::pwrite64(self.file.as_raw_fd(), ZEROES.as_ptr().cast(), n, at) };
             if ret < 0 {
                 let err = io::Error::last_os_error();
                 if err.kind() == io::ErrorKind::Interrupted {

@@ -294,7 +294,10 @@ impl Block {
         };
         let completion = self.execute(mem, readable, writable, status_offset);
         if completion.status != VIRTIO_BLK_S_OK as u8 {
-            log::debug!("virtio-blk: request completed with status {}", completion.status);
+            log::debug!(
+                "virtio-blk: request completed with status {}",
+                completion.status
+            );
         }
         if let Err(e) = writable.write_at(mem, status_offset, &[completion.status]) {
             log::warn!("virtio-blk: cannot write the status byte: {e}");
@@ -375,14 +378,23 @@ impl Block {
                 }
             }
             Err(e) => {
-                log::warn!("virtio-blk: read of {} at sector {sector} failed: {e}", self.path.display());
+                log::warn!(
+                    "virtio-blk: read of {} at sector {sector} failed: {e}",
+                    self.path.display()
+                );
                 self.stats.failed_rd_operations += 1;
                 Completion::status(VIRTIO_BLK_S_IOERR)
             }
         }
     }
 
-    fn write(&mut self, mem: &GuestMemory, sector: u64, input: Segments<'_>, len: u64) -> Completion {
+    fn write(
+        &mut self,
+        mem: &GuestMemory,
+        sector: u64,
+        input: Segments<'_>,
+        len: u64,
+    ) -> Completion {
         if self.read_only {
             log::debug!("virtio-blk: write to read-only disk refused");
             self.stats.failed_wr_operations += 1;
@@ -407,7 +419,10 @@ impl Block {
                 Completion::status(VIRTIO_BLK_S_OK)
             }
             Err(e) => {
-                log::warn!("virtio-blk: write of {} at sector {sector} failed: {e}", self.path.display());
+                log::warn!(
+                    "virtio-blk: write of {} at sector {sector} failed: {e}",
+                    self.path.display()
+                );
                 self.stats.failed_wr_operations += 1;
                 Completion::status(VIRTIO_BLK_S_IOERR)
             }
@@ -474,14 +489,19 @@ impl Block {
         zero: bool,
     ) -> Completion {
         let count = len / SEGMENT_LEN as u64;
-        let result = if len % SEGMENT_LEN as u64 != 0 || count == 0 || count > u64::from(MAX_DISCARD_SEGMENTS) {
+        let result = if len % SEGMENT_LEN as u64 != 0
+            || count == 0
+            || count > u64::from(MAX_DISCARD_SEGMENTS)
+        {
             log::debug!("virtio-blk: discard/write-zeroes payload of {len} bytes is malformed");
             Err(VIRTIO_BLK_S_UNSUPP)
         } else {
             (0..count).try_for_each(|i| {
                 let mut raw = [0u8; SEGMENT_LEN];
                 let at = HEADER_LEN as u64 + i * SEGMENT_LEN as u64;
-                input.read_at(mem, at, &mut raw).map_err(|_| VIRTIO_BLK_S_IOERR)?;
+                input
+                    .read_at(mem, at, &mut raw)
+                    .map_err(|_| VIRTIO_BLK_S_IOERR)?;
                 self.apply_segment(Segment::parse(&raw), zero)
             })
         };
@@ -516,7 +536,10 @@ impl Block {
         }
         let bytes = u64::from(seg.num_sectors) << SECTOR_SHIFT;
         let Some((offset, len)) = byte_range(seg.sector, bytes, self.capacity_bytes()) else {
-            log::debug!("virtio-blk: segment at sector {} is past the end of the disk", seg.sector);
+            log::debug!(
+                "virtio-blk: segment at sector {} is past the end of the disk",
+                seg.sector
+            );
             return Err(VIRTIO_BLK_S_IOERR);
         };
         let result = if zero {
@@ -531,7 +554,10 @@ impl Block {
                 Ok(())
             }
             Err(e) => {
-                log::warn!("virtio-blk: discard/write-zeroes on {} failed: {e}", self.path.display());
+                log::warn!(
+                    "virtio-blk: discard/write-zeroes on {} failed: {e}",
+                    self.path.display()
+                );
                 Err(VIRTIO_BLK_S_IOERR)
             }
         }

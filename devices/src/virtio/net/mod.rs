@@ -188,7 +188,9 @@ impl<B: NetBackend> Net<B> {
                     len
                 }
                 Err(ChainError::ShortChain) => {
-                    log::debug!("virtio-net: {len}-byte frame does not fit the receive buffer; dropped");
+                    log::debug!(
+                        "virtio-net: {len}-byte frame does not fit the receive buffer; dropped"
+                    );
                     self.stats.rx_dropped += 1;
                     self.rx_pending = None;
                     0

@@ -82,7 +82,11 @@ impl Tap {
         })?;
         // SAFETY: TUNSETOFFLOAD takes its flags (none) by value.
         tap.ioctl("TUNSETOFFLOAD", || unsafe {
-            libc::ioctl(tap.file.as_raw_fd(), libc::TUNSETOFFLOAD, 0 as libc::c_ulong)
+            libc::ioctl(
+                tap.file.as_raw_fd(),
+                libc::TUNSETOFFLOAD,
+                0 as libc::c_ulong,
+            )
         })?;
         Ok(tap)
     }

@@ -148,7 +148,10 @@ fn read_write_flush_get_id() {
     );
     assert_eq!(img.contents(10 * 512, 512), vec![0xab; 512]);
 
-    assert_eq!(request(&mut t, vq, &m, VIRTIO_BLK_T_FLUSH, 0, None), (1, OK));
+    assert_eq!(
+        request(&mut t, vq, &m, VIRTIO_BLK_T_FLUSH, 0, None),
+        (1, OK)
+    );
 
     assert_eq!(
         request(&mut t, vq, &m, VIRTIO_BLK_T_GET_ID, 0, Some((20, W))),
@@ -226,7 +229,14 @@ fn read_only_disk_refuses_writes() {
         (1, UNSUPP)
     );
     assert_eq!(
-        request(&mut t, &vqs[0], &m, VIRTIO_BLK_T_WRITE_ZEROES, 0, Some((16, R))),
+        request(
+            &mut t,
+            &vqs[0],
+            &m,
+            VIRTIO_BLK_T_WRITE_ZEROES,
+            0,
+            Some((16, R))
+        ),
         (1, UNSUPP)
     );
     // Reads and flushes still work.
@@ -234,7 +244,10 @@ fn read_only_disk_refuses_writes() {
         request(&mut t, &vqs[0], &m, VIRTIO_BLK_T_IN, 0, Some((512, W))),
         (513, OK)
     );
-    assert_eq!(request(&mut t, &vqs[0], &m, VIRTIO_BLK_T_FLUSH, 0, None), (1, OK));
+    assert_eq!(
+        request(&mut t, &vqs[0], &m, VIRTIO_BLK_T_FLUSH, 0, None),
+        (1, OK)
+    );
     assert_eq!(t.device().stats().failed_wr_operations, 1);
 }
 
@@ -279,7 +292,10 @@ fn discard_and_write_zeroes() {
             (1, OK)
         );
         assert_eq!(img.contents(sector * 512, 2048), vec![0; 2048]);
-        assert_eq!(img.contents((sector + 4) * 512, 1), vec![(sector + 4) as u8]);
+        assert_eq!(
+            img.contents((sector + 4) * 512, 1),
+            vec![(sector + 4) as u8]
+        );
     }
     // Out of range, malformed payloads.
     segment(&m, DISK_SIZE / 512 - 1, 2, 0);
@@ -307,11 +323,20 @@ fn features_not_negotiated_are_unsupported() {
     let img = TempImage::new("nofeat");
     let m = mem();
     let block = img.block(false);
-    let f = block.device_features() & !(1 << VIRTIO_BLK_F_WRITE_ZEROES) & !(1 << VIRTIO_BLK_F_DISCARD);
+    let f =
+        block.device_features() & !(1 << VIRTIO_BLK_F_WRITE_ZEROES) & !(1 << VIRTIO_BLK_F_DISCARD);
     let (mut t, vqs) = activated_with(&m, block, f);
     segment(&m, 0, 1, 0);
     assert_eq!(
-        request(&mut t, &vqs[0], &m, VIRTIO_BLK_T_WRITE_ZEROES, 0, Some((16, R))).1,
+        request(
+            &mut t,
+            &vqs[0],
+            &m,
+            VIRTIO_BLK_T_WRITE_ZEROES,
+            0,
+            Some((16, R))
+        )
+        .1,
         UNSUPP
     );
     assert_eq!(
@@ -330,17 +355,52 @@ fn out_of_range_and_misaligned_io_fail() {
     let (mut t, vqs) = activated(&m, img.block(false));
     let vq = &vqs[0];
     let last = DISK_SIZE / 512 - 1;
-    assert_eq!(request(&mut t, vq, &m, VIRTIO_BLK_T_IN, last, Some((512, W))).1, OK);
-    assert_eq!(request(&mut t, vq, &m, VIRTIO_BLK_T_IN, last, Some((1024, W))).1, IOERR);
-    assert_eq!(request(&mut t, vq, &m, VIRTIO_BLK_T_OUT, last + 1, Some((512, R))).1, IOERR);
-    assert_eq!(request(&mut t, vq, &m, VIRTIO_BLK_T_IN, u64::MAX, Some((512, W))).1, IOERR);
-    assert_eq!(request(&mut t, vq, &m, VIRTIO_BLK_T_IN, u64::MAX / 512, Some((512, W))).1, IOERR);
-    assert_eq!(request(&mut t, vq, &m, VIRTIO_BLK_T_IN, 0, Some((100, W))).1, IOERR);
-    assert_eq!(request(&mut t, vq, &m, VIRTIO_BLK_T_OUT, 0, Some((511, R))).1, IOERR);
+    assert_eq!(
+        request(&mut t, vq, &m, VIRTIO_BLK_T_IN, last, Some((512, W))).1,
+        OK
+    );
+    assert_eq!(
+        request(&mut t, vq, &m, VIRTIO_BLK_T_IN, last, Some((1024, W))).1,
+        IOERR
+    );
+    assert_eq!(
+        request(&mut t, vq, &m, VIRTIO_BLK_T_OUT, last + 1, Some((512, R))).1,
+        IOERR
+    );
+    assert_eq!(
+        request(&mut t, vq, &m, VIRTIO_BLK_T_IN, u64::MAX, Some((512, W))).1,
+        IOERR
+    );
+    assert_eq!(
+        request(
+            &mut t,
+            vq,
+            &m,
+            VIRTIO_BLK_T_IN,
+            u64::MAX / 512,
+            Some((512, W))
+        )
+        .1,
+        IOERR
+    );
+    assert_eq!(
+        request(&mut t, vq, &m, VIRTIO_BLK_T_IN, 0, Some((100, W))).1,
+        IOERR
+    );
+    assert_eq!(
+        request(&mut t, vq, &m, VIRTIO_BLK_T_OUT, 0, Some((511, R))).1,
+        IOERR
+    );
     // Direction mismatches: read data in a device-readable buffer, write data in a
     // device-writable one.
-    assert_eq!(request(&mut t, vq, &m, VIRTIO_BLK_T_IN, 0, Some((512, R))).1, IOERR);
-    assert_eq!(request(&mut t, vq, &m, VIRTIO_BLK_T_OUT, 0, Some((512, W))).1, IOERR);
+    assert_eq!(
+        request(&mut t, vq, &m, VIRTIO_BLK_T_IN, 0, Some((512, R))).1,
+        IOERR
+    );
+    assert_eq!(
+        request(&mut t, vq, &m, VIRTIO_BLK_T_OUT, 0, Some((512, W))).1,
+        IOERR
+    );
     assert_eq!(img.contents(0, 512), vec![0; 512]);
 }
 
@@ -353,14 +413,20 @@ fn host_io_errors_become_ioerr() {
     let m = mem();
     let (mut t, vqs) = activated(&m, block);
     shrink.set_len(4096).unwrap();
-    assert_eq!(request(&mut t, &vqs[0], &m, VIRTIO_BLK_T_IN, 100, Some((512, W))).1, IOERR);
+    assert_eq!(
+        request(&mut t, &vqs[0], &m, VIRTIO_BLK_T_IN, 100, Some((512, W))).1,
+        IOERR
+    );
     assert_eq!(t.device().stats().failed_rd_operations, 1);
     // A file opened read-only underneath a writable disk: writes fail with EBADF.
     let img = TempImage::new("ebadf");
     let ro = OpenOptions::new().read(true).open(&img.0).unwrap();
     let block = Block::new(ro, &img.0, false, None).unwrap();
     let (mut t, vqs) = activated(&m, block);
-    assert_eq!(request(&mut t, &vqs[0], &m, VIRTIO_BLK_T_OUT, 0, Some((512, R))).1, IOERR);
+    assert_eq!(
+        request(&mut t, &vqs[0], &m, VIRTIO_BLK_T_OUT, 0, Some((512, R))).1,
+        IOERR
+    );
     assert_eq!(t.device().stats().failed_wr_operations, 1);
 }
 
@@ -374,11 +440,26 @@ fn malformed_chains_never_crash() {
     // No writable status byte at all.
     add_chain(vq, 0, &[(HDR, 16, R), (BUF, 512, R)]);
     // A loop: 3 -> 4 -> 3.
-    add_raw(vq, 3, &[(HDR, 16, VRING_DESC_F_NEXT, 4), (BUF, 512, VRING_DESC_F_NEXT | W, 3)]);
+    add_raw(
+        vq,
+        3,
+        &[
+            (HDR, 16, VRING_DESC_F_NEXT, 4),
+            (BUF, 512, VRING_DESC_F_NEXT | W, 3),
+        ],
+    );
     // Buffer outside guest RAM.
-    add_chain(vq, 5, &[(HDR, 16, R), (0x4000_0000, 512, W), (STATUS, 1, W)]);
+    add_chain(
+        vq,
+        5,
+        &[(HDR, 16, R), (0x4000_0000, 512, W), (STATUS, 1, W)],
+    );
     // Length that overflows the guest address space.
-    add_chain(vq, 8, &[(HDR, 16, R), (u64::MAX - 100, 512, W), (STATUS, 1, W)]);
+    add_chain(
+        vq,
+        8,
+        &[(HDR, 16, R), (u64::MAX - 100, 512, W), (STATUS, 1, W)],
+    );
     // Next index past the queue size.
     add_raw(vq, 11, &[(HDR, 16, VRING_DESC_F_NEXT, 200)]);
     // Readable after writable.
@@ -406,13 +487,19 @@ fn save_restore_moves_the_disk_state() {
     let img = TempImage::new("migrate");
     let m = mem();
     let (mut t, vqs) = activated(&m, img.block(false));
-    assert_eq!(request(&mut t, &vqs[0], &m, VIRTIO_BLK_T_IN, 1, Some((512, W))).1, OK);
+    assert_eq!(
+        request(&mut t, &vqs[0], &m, VIRTIO_BLK_T_IN, 1, Some((512, W))).1,
+        OK
+    );
     let state = t.save_state();
     let json = serde_json::to_string(&state).unwrap();
     let state: MmioTransportState<_> = serde_json::from_str(&json).unwrap();
     let mut t2 = MmioTransport::new(img.block(false), m.clone(), CountingInterrupt::new());
     t2.restore_state(&state).unwrap();
-    assert_eq!(request(&mut t2, &vqs[0], &m, VIRTIO_BLK_T_IN, 2, Some((512, W))), (513, OK));
+    assert_eq!(
+        request(&mut t2, &vqs[0], &m, VIRTIO_BLK_T_IN, 2, Some((512, W))),
+        (513, OK)
+    );
     assert_eq!(t2.save_state().device, state.device);
     // A disk of another size, or read-only, is refused.
     let mut t3 = MmioTransport::new(img.block(true), m.clone(), CountingInterrupt::new());

@@ -264,7 +264,10 @@ fn restore_rejects_bad_states() {
     let mut t2 = MmioTransport::new(Rng::new(), m.clone(), CountingInterrupt::new());
     let mut s = good.clone();
     s.device_type = 1;
-    assert!(matches!(t2.restore_state(&s), Err(MmioError::DeviceType { .. })));
+    assert!(matches!(
+        t2.restore_state(&s),
+        Err(MmioError::DeviceType { .. })
+    ));
     let mut s = good.clone();
     s.queues[0].size = 3;
     assert!(matches!(t2.restore_state(&s), Err(MmioError::Queues(_))));
@@ -276,7 +279,10 @@ fn restore_rejects_bad_states() {
     assert!(t2.restore_state(&s).is_err());
     let mut s = good.clone();
     s.driver_features |= 1 << 40;
-    assert!(matches!(t2.restore_state(&s), Err(MmioError::Features { .. })));
+    assert!(matches!(
+        t2.restore_state(&s),
+        Err(MmioError::Features { .. })
+    ));
     assert!(!t2.is_activated());
     assert_eq!(t2.status(), 0);
 }
