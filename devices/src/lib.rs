@@ -9,6 +9,7 @@
 //! * [`legacy`]: the PC legacy devices (serial, i8042, CMOS/RTC, port 0x80,
 //!   Skiff's test exit device).
 //! * [`state`]: the error for device state that cannot be restored.
+//! * [`virtio`]: the virtio-mmio transport and the block, network and entropy devices.
 
 #![deny(missing_docs)]
 
@@ -17,3 +18,4 @@ pub mod bus;
 pub mod legacy;
 pub mod power;
 pub mod state;
+pub mod virtio;
