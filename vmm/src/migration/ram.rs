@@ -156,6 +156,22 @@ impl RamMap {
         }
     }
 
+    /// The guest RAM of `count` pages from `page` (one region, as `run` checked) as a
+    /// mutable byte slice, populated for writing, to load a stream into directly.
+    ///
+    /// # Safety
+    ///
+    /// Nothing else may access those pages while the slice lives (the destination's vCPUs
+    /// are stopped and no userfaultfd covers them), and the pages must lie in one region.
+    pub unsafe fn pages_mut(&self, page: usize, count: usize) -> Option<&mut [u8]> {
+        let host = self.host(page)?;
+        let len = count * PAGE_SIZE;
+        // SAFETY: see write_pages; populating changes no contents.
+        unsafe { libc::madvise(host as *mut libc::c_void, len, MADV_POPULATE_WRITE) };
+        // SAFETY: the caller guarantees the range is one live mapping nobody else uses now.
+        Some(unsafe { std::slice::from_raw_parts_mut(host as *mut u8, len) })
+    }
+
     /// Writes `data` (whole pages) to the pages from `page` on. The caller guarantees no
     /// userfaultfd registration covers them.
     pub fn write_pages(&self, page: usize, data: &[u8]) {

@@ -199,33 +199,93 @@ pub fn write_section(out: &mut impl Write, kind: Kind, parts: &[&[u8]]) -> io::R
     Ok((SECTION_HEADER_LEN + len + SECTION_TRAILER_LEN) as u64)
 }
 
+/// A section whose header was read and checked; its payload is read with
+/// [`SectionBody::read`] and its checksum checked by [`SectionBody::finish`].
+pub struct SectionBody {
+    /// What the section carries.
+    pub kind: Kind,
+    /// Payload length.
+    pub len: usize,
+    unread: usize,
+    crc: crc32fast::Hasher,
+}
+
+impl SectionBody {
+    /// Reads the next section header. [`StreamError::Eof`] means the stream ended cleanly
+    /// before a section.
+    pub fn start(input: &mut impl Read) -> Result<SectionBody, StreamError> {
+        let mut header = [0u8; SECTION_HEADER_LEN];
+        read_exact_or(input, &mut header, "a section header", true)?;
+        let kind = Kind::from_u8(header[0]).ok_or(StreamError::UnknownKind(header[0]))?;
+        let reserved = [header[1], header[2], header[3]];
+        if reserved != [0; 3] {
+            return Err(StreamError::Reserved(reserved));
+        }
+        let mut len = [0u8; 4];
+        len.copy_from_slice(&header[4..]);
+        let len = u32::from_le_bytes(len) as usize;
+        if len > MAX_SECTION_LEN {
+            return Err(StreamError::TooLong { kind, len });
+        }
+        let mut crc = crc32fast::Hasher::new();
+        crc.update(&header);
+        Ok(SectionBody {
+            kind,
+            len,
+            unread: len,
+            crc,
+        })
+    }
+
+    /// Reads the next `buf.len()` bytes of the payload.
+    pub fn read(&mut self, input: &mut impl Read, buf: &mut [u8]) -> Result<(), StreamError> {
+        if buf.len() > self.unread {
+            return Err(StreamError::Payload {
+                kind: self.kind,
+                reason: format!("{} bytes is shorter than its content", self.len),
+            });
+        }
+        read_exact_or(input, buf, "a section", false)?;
+        self.crc.update(buf);
+        self.unread -= buf.len();
+        Ok(())
+    }
+
+    /// Reads the checksum (all the payload must have been read) and checks it.
+    pub fn finish(self, input: &mut impl Read) -> Result<Kind, StreamError> {
+        if self.unread != 0 {
+            return Err(StreamError::Payload {
+                kind: self.kind,
+                reason: format!("{} bytes left unread", self.unread),
+            });
+        }
+        let mut trailer = [0u8; SECTION_TRAILER_LEN];
+        read_exact_or(input, &mut trailer, "a section checksum", false)?;
+        if self.crc.finalize() != u32::from_le_bytes(trailer) {
+            return Err(StreamError::Checksum {
+                kind: self.kind,
+                len: self.len,
+            });
+        }
+        Ok(self.kind)
+    }
+
+    /// Reads the whole payload into `payload` (resized to it) and checks the checksum.
+    pub fn read_all(
+        mut self,
+        input: &mut impl Read,
+        payload: &mut Vec<u8>,
+    ) -> Result<Kind, StreamError> {
+        payload.resize(self.len, 0);
+        self.read(input, payload)?;
+        self.finish(input)
+    }
+}
+
 /// Reads one section into `payload` (resized to its length) and returns its kind.
 /// [`StreamError::Eof`] means the stream ended cleanly before a section.
 pub fn read_section(input: &mut impl Read, payload: &mut Vec<u8>) -> Result<Kind, StreamError> {
-    let mut header = [0u8; SECTION_HEADER_LEN];
-    read_exact_or(input, &mut header, "a section header", true)?;
-    let kind = Kind::from_u8(header[0]).ok_or(StreamError::UnknownKind(header[0]))?;
-    let reserved = [header[1], header[2], header[3]];
-    if reserved != [0; 3] {
-        return Err(StreamError::Reserved(reserved));
-    }
-    let mut len = [0u8; 4];
-    len.copy_from_slice(&header[4..]);
-    let len = u32::from_le_bytes(len) as usize;
-    if len > MAX_SECTION_LEN {
-        return Err(StreamError::TooLong { kind, len });
-    }
-    payload.resize(len, 0);
-    read_exact_or(input, payload, "a section", false)?;
-    let mut trailer = [0u8; SECTION_TRAILER_LEN];
-    read_exact_or(input, &mut trailer, "a section checksum", false)?;
-    let mut crc = crc32fast::Hasher::new();
-    crc.update(&header);
-    crc.update(payload);
-    if crc.finalize() != u32::from_le_bytes(trailer) {
-        return Err(StreamError::Checksum { kind, len });
-    }
-    Ok(kind)
+    SectionBody::start(input)?.read_all(input, payload)
 }
 
 /// `read_exact`, telling a clean end of stream (nothing read, where allowed) from a cut.
