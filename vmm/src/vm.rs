@@ -455,3 +455,185 @@ impl Vm {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::arch::layout::MIB;
+    use crate::vcpu::run_vcpu;
+    use crate::vcpu_state::tests::{test_vm, TestVm};
+    use devices::legacy::SerialOutput;
+    use std::os::unix::thread::JoinHandleExt;
+    use std::time::Instant;
+
+    /// Real mode at 0x1000: `inc eax; out 0x80, al; jmp back`.
+    const LOOP_CODE: [u8; 6] = [0x66, 0x40, 0xe6, 0x80, 0xeb, 0xfa];
+    const LOOP_ADDR: u64 = 0x1000;
+    /// Generous, for a slow and loaded machine.
+    const TIMEOUT: Duration = Duration::from_secs(60);
+
+    /// A VM of `num_cpus` paused vCPU threads, or `None` without /dev/kvm.
+    fn running_vm(num_cpus: u8) -> Option<(Arc<Vm>, Vec<std::thread::JoinHandle<()>>)> {
+        let TestVm { vcpus, kvm, mem } = test_vm(num_cpus)?;
+        crate::vcpu::install_kick_handler().unwrap();
+        let power = Arc::new(PowerControl::new().unwrap());
+        let (machine, _irqs) =
+            Machine::new(&power, SerialOutput::Sink, MIB, 0, vcpus.len(), true).unwrap();
+        let image = GuestImage {
+            kernel: "/nonexistent".into(),
+            initrd: None,
+            cmdline: String::new(),
+            mem_size: MIB,
+            num_cpus,
+        };
+        let vm = Arc::new(Vm::new(machine, power, mem, kvm, image, None).unwrap());
+        let threads = vcpus
+            .into_iter()
+            .enumerate()
+            .map(|(index, vcpu)| {
+                let thread_vm = vm.clone();
+                let (tx, _rx) = std::sync::mpsc::channel();
+                let handle = std::thread::spawn(move || run_vcpu(vcpu, thread_vm, tx));
+                vm.kick(index).set_thread(handle.as_pthread_t());
+                handle
+            })
+            .collect();
+        vm.pause_vcpus(&mut vm.lock());
+        Some((vm, threads))
+    }
+
+    fn stop(vm: &Vm, threads: Vec<std::thread::JoinHandle<()>>) {
+        vm.stop_vcpu_threads(&mut vm.lock());
+        threads.into_iter().for_each(|t| t.join().unwrap());
+    }
+
+    /// Points vCPU 0 at the loop.
+    fn start_loop(vm: &Vm) {
+        vm.memory()
+            .write_slice(&LOOP_CODE, GuestAddress(LOOP_ADDR))
+            .unwrap();
+        let mut machine = vm.lock();
+        vm.run_on_vcpu(&mut machine, 0, |vcpu| {
+            let mut sregs = vcpu.fd().get_sregs().unwrap();
+            sregs.cs.base = 0;
+            sregs.cs.selector = 0;
+            vcpu.fd().set_sregs(&sregs).unwrap();
+            let regs = kvm_bindings::kvm_regs {
+                rip: LOOP_ADDR,
+                rflags: 2,
+                ..Default::default()
+            };
+            vcpu.fd().set_regs(&regs).unwrap();
+        })
+        .unwrap();
+    }
+
+    /// The loop counter (EAX) of vCPU 0.
+    fn counter(vm: &Vm) -> u64 {
+        let mut machine = vm.lock();
+        vm.run_on_vcpu(&mut machine, 0, |vcpu| vcpu.fd().get_regs().unwrap().rax)
+            .unwrap()
+    }
+
+    /// Lets the vCPUs run until the loop counter has gone a few steps past `after`, then
+    /// pauses them.
+    fn run_past(vm: &Vm, after: u64) {
+        let start = Instant::now();
+        loop {
+            vm.resume_vcpus(&mut vm.lock());
+            std::thread::sleep(Duration::from_millis(20));
+            vm.pause_vcpus(&mut vm.lock());
+            if counter(vm) > after + 2 {
+                return;
+            }
+            assert!(start.elapsed() < TIMEOUT, "the guest did not run");
+        }
+    }
+
+    #[test]
+    fn machine_state_moves_a_running_guest_to_another_vm() {
+        let Some((a, a_threads)) = running_vm(2) else {
+            return;
+        };
+        let Some((b, b_threads)) = running_vm(2) else {
+            return;
+        };
+        start_loop(&a);
+        run_past(&a, 0);
+        let saved = a.save_machine_state(&mut a.lock()).unwrap();
+        let json = serde_json::to_string(&saved).unwrap();
+        let state: MachineState = serde_json::from_str(&json).unwrap();
+        assert_eq!(serde_json::to_string(&state).unwrap(), json);
+        let count = saved.vcpus[0].regs.rax;
+        assert!(count > 2);
+        // The POST code is the counter's low byte, unless the pause came between the
+        // increment and the OUT.
+        let code = saved.devices.port80.last_code.map(u64::from);
+        assert!(
+            code == Some(count & 0xff) || code == Some((count - 1) & 0xff),
+            "POST code {code:?}, counter {count}"
+        );
+
+        let mut ram = vec![0u8; MIB as usize];
+        a.read_guest_memory(0, &mut ram).unwrap();
+        b.memory().write_slice(&ram, GuestAddress(0)).unwrap();
+        b.restore_machine_state(&mut b.lock(), &state).unwrap();
+        assert_eq!(counter(&b), count);
+        let restored = b.save_machine_state(&mut b.lock()).unwrap();
+        assert_eq!(restored.devices, saved.devices);
+        assert_eq!(restored.vcpus[1].mp_state, saved.vcpus[1].mp_state);
+        assert_eq!(restored.vcpus[0].regs, saved.vcpus[0].regs);
+
+        // B picks up where A stopped.
+        run_past(&b, count);
+        stop(&a, a_threads);
+        stop(&b, b_threads);
+    }
+
+    #[test]
+    fn mismatched_or_unpaused_machines_are_refused() {
+        let Some((one, one_threads)) = running_vm(1) else {
+            return;
+        };
+        let Some((two, two_threads)) = running_vm(2) else {
+            return;
+        };
+        let state = two.save_machine_state(&mut two.lock()).unwrap();
+        let err = one
+            .restore_machine_state(&mut one.lock(), &state)
+            .unwrap_err();
+        assert!(
+            matches!(err, SnapshotError::VcpuCount { saved: 2, ours: 1 }),
+            "{err}"
+        );
+        let mut swapped = state.clone();
+        swapped.vcpus.swap(0, 1);
+        let err = two
+            .restore_machine_state(&mut two.lock(), &swapped)
+            .unwrap_err();
+        assert!(
+            matches!(
+                err,
+                SnapshotError::VcpuOrder {
+                    position: 0,
+                    saved: 1
+                }
+            ),
+            "{err}"
+        );
+        let mut bad_device = state.clone();
+        bad_device.devices.cmos.ram.truncate(3);
+        let err = two
+            .restore_machine_state(&mut two.lock(), &bad_device)
+            .unwrap_err();
+        assert!(err.to_string().contains("CMOS"), "{err}");
+
+        stop(&one, one_threads);
+        let err = one.save_machine_state(&mut one.lock()).unwrap_err();
+        assert!(
+            matches!(err, SnapshotError::NotPaused { index: 0 }),
+            "{err}"
+        );
+        stop(&two, two_threads);
+    }
+}
