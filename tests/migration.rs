@@ -1,23 +1,48 @@
 //! Live migration on the real /dev/kvm: two skiff processes, the migration test guest
-//! (tests/common/migration_guest.rs), and QMP as QEMU's own migration tests drive it.
+//! (tests/common/migration_guest.rs), and QMP as QEMU's own migration tests drive it
+//! (tests/qtest/migration: precopy, postcopy, postcopy recovery, cancel, broken links, bad
+//! URIs), plus snapshots to files and damaged streams.
+//!
+//! Postcopy tests whose destination vCPUs run while pages are missing are guarded by the
+//! userfaultfd probe of tests/common/kvm.rs: when it says no, they print `SKIPPED: <reason>`
+//! and return.
 
 mod common;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::thread;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
+use common::kvm::userfault_vcpu_faults_work;
 use common::migration_guest::{
     check_guest_ram, pass_counter, write_migration_guest, MIG_END, MIG_START,
 };
-use common::process::{Skiff, TestTimer};
+use common::process::{run, Skiff, TestTimer};
 use common::qmp_client::QmpClient;
 use common::TempDir;
 
 /// How long to wait for a guest or a migration step; generous for the loaded, emulated host.
 const TIMEOUT: Duration = Duration::from_secs(60);
+/// Guest RAM of every test VM: the guest needs 8 MiB; less RAM makes passes and files small.
+const MEMORY: &str = "32M";
+/// Guest RAM in bytes.
+const MEMORY_BYTES: u64 = 32 << 20;
+/// Precopy bandwidth that never converges: the guest redirties its 4 MiB range every ~10 ms.
+const SLOW_PRECOPY: u64 = 8 << 20;
+/// Postcopy background bandwidth that keeps a migration in postcopy for minutes.
+const SLOW_POSTCOPY: u64 = 4096;
+/// Pages the destination's vCPUs must fault in through the source before a running-destination
+/// postcopy may complete (of the ~768 its walk misses after the first background burst).
+const POSTCOPY_VCPU_REQUESTS: u64 = 200;
+/// Bytes of the stream header (magic and version).
+const STREAM_HEADER_LEN: usize = 12;
+/// Section kinds of the stream (vmm/src/migration/stream.rs).
+const KIND_CONFIG: u8 = 1;
+const KIND_RAM_PAGES: u8 = 2;
+const KIND_DEVICE_STATE: u8 = 4;
+const KIND_END: u8 = 5;
 
 /// One skiff process with its QMP monitor.
 struct Vmm {
@@ -40,11 +65,26 @@ fn start_vmm(dir: &TempDir, name: &str, kernel: &Path, extra: &[&str]) -> Vmm {
     Vmm { skiff, qmp }
 }
 
+/// Arguments every test VM gets, followed by `extra`.
+fn vm_args<'a>(extra: &[&'a str]) -> Vec<&'a str> {
+    let mut args = vec!["--serial", "none", "--memory", MEMORY];
+    args.extend_from_slice(extra);
+    args
+}
+
 impl Vmm {
     fn exec(&mut self, name: &str, args: Value) -> Value {
         self.qmp
             .execute(name, args)
             .unwrap_or_else(|e| panic!("{name}: {e}\n{}", self.skiff.dump()))
+    }
+
+    /// Runs a command that must fail; returns its error description.
+    fn exec_err(&mut self, name: &str, args: Value) -> String {
+        self.qmp
+            .execute_err(name, args)
+            .unwrap_or_else(|e| panic!("{name}: {e}\n{}", self.skiff.dump()))
+            .1
     }
 
     fn status(&mut self) -> String {
@@ -82,14 +122,118 @@ impl Vmm {
         }
     }
 
-    fn read_range(&mut self, dir: &TempDir, name: &str) -> Vec<u8> {
-        let file = dir.join(name);
+    /// Removes and returns the first event (already received or still to come) for which
+    /// `want` holds; other events stay queued. A command reply meanwhile is an error.
+    fn take_event(&mut self, what: &str, want: impl Fn(&Value) -> bool) -> Value {
+        let deadline = Instant::now() + TIMEOUT;
+        if let Some(i) = self.qmp.events.iter().position(&want) {
+            return self.qmp.events.remove(i).expect("queued event");
+        }
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let message = self
+                .qmp
+                .read_message(left)
+                .unwrap_or_else(|e| panic!("waiting for {what}: {e}\n{}", self.skiff.dump()));
+            assert!(
+                message.get("event").is_some(),
+                "waiting for {what}, got the reply {message}"
+            );
+            if want(&message) {
+                return message;
+            }
+            self.qmp.events.push_back(message);
+        }
+    }
+
+    /// Waits for the event `name`.
+    fn wait_event(&mut self, name: &str) -> Value {
+        self.take_event(name, |e| e["event"] == name)
+    }
+
+    /// Waits for the MIGRATION event with `status`.
+    fn wait_migration_event(&mut self, status: &str) -> Value {
+        self.take_event(&format!("MIGRATION {status}"), |e| {
+            e["event"] == "MIGRATION" && e["data"]["status"] == status
+        })
+    }
+
+    /// The statuses of the MIGRATION events received so far (removing them).
+    fn drain_migration_events(&mut self) -> Vec<String> {
+        let mut statuses = Vec::new();
+        self.qmp.events.retain(|e| {
+            if e["event"] == "MIGRATION" {
+                statuses.push(e["data"]["status"].as_str().unwrap_or("?").to_string());
+                false
+            } else {
+                true
+            }
+        });
+        statuses
+    }
+
+    fn set_capabilities(&mut self, postcopy: bool) {
+        self.exec(
+            "migrate-set-capabilities",
+            json!({"capabilities": [
+                {"capability": "events", "state": true},
+                {"capability": "postcopy-ram", "state": postcopy},
+            ]}),
+        );
+    }
+
+    fn set_parameters(&mut self, params: Value) {
+        self.exec("migrate-set-parameters", params);
+    }
+
+    fn pmemsave(&mut self, file: &Path) {
         self.exec(
             "pmemsave",
             json!({"val": MIG_START, "size": MIG_END - MIG_START,
                    "filename": file.display().to_string()}),
         );
+    }
+
+    fn read_range(&mut self, dir: &TempDir, name: &str) -> Vec<u8> {
+        let file = dir.join(name);
+        self.pmemsave(&file);
         std::fs::read(&file).unwrap_or_else(|e| panic!("reading {}: {e}", file.display()))
+    }
+
+    /// Waits until the guest has completed at least `passes` passes.
+    fn wait_guest_passes(&mut self, dir: &TempDir, passes: u64) -> u64 {
+        let deadline = Instant::now() + TIMEOUT;
+        loop {
+            let count = pass_counter(&self.read_range(dir, "passes.bin"));
+            if count >= passes {
+                return count;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the guest does not run ({count} passes)\n{}",
+                self.skiff.dump()
+            );
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// `exec-oob` of `name` with a fresh id; returns the reply and how long it took. Events
+    /// are queued; an in-band reply meanwhile is an error.
+    fn exec_oob(&mut self, name: &str, args: Value) -> (Value, Duration) {
+        let id = self.qmp.fresh_id();
+        let started = Instant::now();
+        let mut request = json!({"exec-oob": name, "id": id});
+        if !args.is_null() {
+            request["arguments"] = args;
+        }
+        self.qmp
+            .send(&request)
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+        let reply = self
+            .qmp
+            .reply_to(&id, TIMEOUT)
+            .unwrap_or_else(|e| panic!("{name}: {e}\n{}", self.skiff.dump()));
+        (reply, started.elapsed())
     }
 }
 
@@ -116,6 +260,95 @@ fn check_destination_runs(dest: &mut Vmm, dir: &TempDir) {
     }
 }
 
+/// The source guest keeps running: query-status says so and its pass counter grows.
+fn check_source_runs(src: &mut Vmm, dir: &TempDir) {
+    assert_eq!(src.status(), "running", "{}", src.skiff.dump());
+    let before = pass_counter(&src.read_range(dir, "src-runs.bin"));
+    src.wait_guest_passes(dir, before + 2);
+}
+
+/// Whether the running-destination postcopy tests can run here; prints why not.
+fn postcopy_vcpu_faults_supported(test: &str) -> bool {
+    match userfault_vcpu_faults_work() {
+        Ok(true) => true,
+        Ok(false) => {
+            println!("SKIPPED: {test}: vCPU faults on userfaultfd memory do not work on this host");
+            false
+        }
+        Err(e) => {
+            println!("SKIPPED: {test}: the userfaultfd probe could not run: {e}");
+            false
+        }
+    }
+}
+
+/// Whether this host has userfaultfd at all (host-side postcopy faults); prints why not.
+fn userfaultfd_available(test: &str) -> bool {
+    match skiff::uffd::Userfault::new() {
+        Ok(_) => true,
+        Err(e) => {
+            println!("SKIPPED: {test}: userfaultfd is not available: {e}");
+            false
+        }
+    }
+}
+
+/// A source running the guest and a destination listening on a unix socket, with the
+/// events capability (and postcopy-ram when `postcopy`) on both sides.
+struct Pair {
+    src: Vmm,
+    dest: Vmm,
+    uri: String,
+}
+
+fn start_pair(dir: &TempDir, kernel: &Path, dest_extra: &[&str], postcopy: bool) -> Pair {
+    let mut src = start_vmm(dir, "src", kernel, &vm_args(&[]));
+    let uri = format!("unix:{}", dir.join("mig.sock").display());
+    let mut dest_args = vec!["--incoming", uri.as_str()];
+    dest_args.extend_from_slice(dest_extra);
+    let mut dest = start_vmm(dir, "dest", kernel, &vm_args(&dest_args));
+    assert_eq!(dest.status(), "inmigrate");
+    src.set_capabilities(postcopy);
+    dest.set_capabilities(postcopy);
+    src.wait_guest_passes(dir, 3);
+    Pair { src, dest, uri }
+}
+
+/// Starts a precopy that cannot converge, waits for its first complete pass, then switches
+/// to postcopy with `postcopy_bandwidth` (0: unlimited) and waits for STOP on the source and
+/// (unless the destination was started with -S) RESUME on the destination.
+fn start_postcopy(pair: &mut Pair, postcopy_bandwidth: u64, dest_runs: bool) {
+    let Pair { src, dest, uri } = pair;
+    src.set_parameters(json!({"max-bandwidth": SLOW_PRECOPY, "downtime-limit": 1,
+                              "max-postcopy-bandwidth": postcopy_bandwidth}));
+    src.exec("migrate", json!({ "uri": uri }));
+    src.take_event("MIGRATION_PASS 2", |e| {
+        e["event"] == "MIGRATION_PASS" && e["data"]["pass"].as_i64() >= Some(2)
+    });
+    assert_eq!(src.migration_status()["status"], "active");
+    src.exec("migrate-start-postcopy", Value::Null);
+    src.wait_event("STOP");
+    src.wait_migration_event("postcopy-active");
+    dest.wait_migration_event("postcopy-active");
+    if dest_runs {
+        dest.wait_event("RESUME");
+    } else {
+        // The run state follows the postcopy-active event (as in QEMU).
+        let deadline = Instant::now() + TIMEOUT;
+        while dest.status() == "inmigrate" {
+            assert!(
+                Instant::now() < deadline,
+                "the destination stays in inmigrate"
+            );
+            thread::sleep(Duration::from_millis(5));
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Precopy
+
+/// Precopy over a unix socket given to `--incoming`; the guest runs on, consistent.
 #[test]
 fn precopy_over_unix_socket() {
     let _t = TestTimer::start("precopy_over_unix_socket");
@@ -139,4 +372,832 @@ fn precopy_over_unix_socket() {
     dest.wait_migration(&["completed"]);
     assert_eq!(dest.status(), "running");
     check_destination_runs(&mut dest, &dir);
+}
+
+/// `--incoming defer`, `migrate-incoming tcp:127.0.0.1:0` and the real port from
+/// `socket-address`; MIGRATION and MIGRATION_PASS events; query-migrate's numbers.
+#[test]
+fn precopy_over_tcp_with_deferred_incoming() {
+    let _t = TestTimer::start("precopy_over_tcp_with_deferred_incoming");
+    let dir = TempDir::new("mig-precopy-tcp");
+    let kernel = write_migration_guest(dir.path(), "guest.elf");
+    let mut src = start_vmm(&dir, "src", &kernel, &vm_args(&[]));
+    let mut dest = start_vmm(&dir, "dest", &kernel, &vm_args(&["--incoming", "defer"]));
+    assert_eq!(dest.status(), "inmigrate");
+    assert_eq!(dest.migration_status(), json!({}));
+    src.set_capabilities(false);
+    dest.set_capabilities(false);
+    dest.exec("migrate-incoming", json!({"uri": "tcp:127.0.0.1:0"}));
+    dest.wait_migration_event("setup");
+    let info = dest.migration_status();
+    let addr = &info["socket-address"][0];
+    assert_eq!(addr["type"], "inet", "{info}");
+    let port: u16 = addr["port"]
+        .as_str()
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("no port in {info}"));
+    assert_ne!(port, 0, "{info}");
+    let again = dest.exec_err("migrate-incoming", json!({"uri": "tcp:127.0.0.1:0"}));
+    assert!(again.contains("already"), "{again}");
+
+    src.wait_guest_passes(&dir, 3);
+    // Slow enough for a few passes, fast enough to converge once the rate is known.
+    src.set_parameters(json!({"max-bandwidth": 64u64 << 20}));
+    src.exec("migrate", json!({"uri": format!("tcp:127.0.0.1:{port}")}));
+    let info = src.wait_migration(&["completed"]);
+    eprintln!("source: {info}");
+    assert_eq!(src.status(), "postmigrate");
+
+    // Source events: setup, active, device, completed; passes numbered from 1.
+    src.wait_migration_event("completed");
+    let mut passes = Vec::new();
+    while let Some(i) = src
+        .qmp
+        .events
+        .iter()
+        .position(|e| e["event"] == "MIGRATION_PASS")
+    {
+        let e = src.qmp.events.remove(i).expect("event");
+        passes.push(e["data"]["pass"].as_i64().expect("pass number"));
+    }
+    assert!(!passes.is_empty(), "no MIGRATION_PASS event");
+    assert_eq!(passes, (1..=passes.len() as i64).collect::<Vec<_>>());
+    let statuses = src.drain_migration_events();
+    assert_eq!(statuses, ["setup", "active", "device"], "{statuses:?}");
+
+    // query-migrate after completion.
+    let total_time = info["total-time"].as_i64().expect("total-time");
+    let downtime = info["downtime"].as_i64().expect("downtime");
+    assert!(
+        total_time > 0 && (0..=total_time).contains(&downtime),
+        "{info}"
+    );
+    assert!(info.get("expected-downtime").is_none(), "{info}");
+    let ram = &info["ram"];
+    assert_eq!(ram["total"].as_u64(), Some(MEMORY_BYTES), "{info}");
+    assert_eq!(ram["remaining"].as_u64(), Some(0), "{info}");
+    let transferred = ram["transferred"].as_u64().expect("transferred");
+    // At least the guest's range once, at most a few times all RAM.
+    assert!(
+        transferred > (MIG_END - MIG_START) && transferred < 8 * MEMORY_BYTES,
+        "{info}"
+    );
+    assert!(
+        ram["normal"].as_u64() >= Some((MIG_END - MIG_START) / 4096),
+        "{info}"
+    );
+    assert!(
+        ram["dirty-sync-count"].as_u64() >= Some(passes.len() as u64),
+        "{info}"
+    );
+    assert_eq!(ram["page-size"].as_u64(), Some(4096), "{info}");
+
+    dest.wait_migration(&["completed"]);
+    assert_eq!(dest.status(), "running");
+    check_destination_runs(&mut dest, &dir);
+}
+
+// ---------------------------------------------------------------------------------------
+// Snapshots to files
+
+/// Stops a source, saves it to `dir/name` with `migrate file:`, and returns the path.
+fn save_snapshot(dir: &TempDir, kernel: &Path, name: &str) -> PathBuf {
+    let path = dir.join(name);
+    let mut src = start_vmm(dir, &format!("{name}-src"), kernel, &vm_args(&[]));
+    src.wait_guest_passes(dir, 3);
+    src.exec("stop", Value::Null);
+    src.exec(
+        "migrate",
+        json!({"uri": format!("file:{}", path.display())}),
+    );
+    let info = src.wait_migration(&["completed"]);
+    assert_eq!(src.status(), "postmigrate", "{info}");
+    path
+}
+
+/// `stop`, `migrate file:`, then `--incoming file:` restores a running guest; with -S it
+/// stays paused, RAM frozen, until `cont`.
+#[test]
+fn file_save_and_restore() {
+    let _t = TestTimer::start("file_save_and_restore");
+    let dir = TempDir::new("mig-file");
+    let kernel = write_migration_guest(dir.path(), "guest.elf");
+    let snapshot = save_snapshot(&dir, &kernel, "snap.bin");
+    let incoming = format!("file:{}", snapshot.display());
+
+    let mut dest = start_vmm(&dir, "dest", &kernel, &vm_args(&["--incoming", &incoming]));
+    dest.wait_migration(&["completed"]);
+    assert_eq!(dest.status(), "running");
+    check_destination_runs(&mut dest, &dir);
+
+    // With -S the restored guest waits for `cont`.
+    let mut paused = start_vmm(
+        &dir,
+        "dest-s",
+        &kernel,
+        &vm_args(&["-S", "--incoming", &incoming]),
+    );
+    paused.wait_migration(&["completed"]);
+    assert_eq!(paused.status(), "paused");
+    let before = paused.read_range(&dir, "paused-1.bin");
+    thread::sleep(Duration::from_millis(200));
+    let after = paused.read_range(&dir, "paused-2.bin");
+    assert_eq!(pass_counter(&before), pass_counter(&after), "the guest ran");
+    assert!(before == after, "guest RAM changed while paused");
+    check_guest_ram(&before).unwrap_or_else(|r| panic!("{r}"));
+    paused.exec("cont", Value::Null);
+    assert_eq!(paused.status(), "running");
+    check_destination_runs(&mut paused, &dir);
+}
+
+// ---------------------------------------------------------------------------------------
+// Postcopy
+
+/// Variant A: the destination was started with -S, so its vCPUs never run in postcopy;
+/// pmemsave on it faults the missing pages in through the source.
+#[test]
+fn postcopy_with_paused_destination() {
+    if !userfaultfd_available("postcopy_with_paused_destination") {
+        return;
+    }
+    let _t = TestTimer::start("postcopy_with_paused_destination");
+    let dir = TempDir::new("mig-postcopy-paused");
+    let kernel = write_migration_guest(dir.path(), "guest.elf");
+    let mut pair = start_pair(&dir, &kernel, &["-S"], true);
+    start_postcopy(&mut pair, SLOW_POSTCOPY, false);
+    let Pair {
+        mut src, mut dest, ..
+    } = pair;
+    assert_eq!(src.status(), "postmigrate");
+    assert_eq!(dest.status(), "paused");
+    // Still in postcopy (slow background): this read faults pages in on demand.
+    let started = Instant::now();
+    let during = dest.read_range(&dir, "during.bin");
+    eprintln!("pmemsave in postcopy took {:?}", started.elapsed());
+    assert_eq!(dest.migration_status()["status"], "postcopy-active");
+    let requests = src.migration_status()["ram"]["postcopy-requests"]
+        .as_u64()
+        .unwrap_or(0);
+    assert!(requests > 0, "no page was requested");
+    src.set_parameters(json!({"max-postcopy-bandwidth": 0}));
+    let info = src.wait_migration(&["completed"]);
+    eprintln!("source: {info}");
+    dest.wait_migration(&["completed"]);
+    assert_eq!(dest.status(), "paused");
+    let frozen = src.read_range(&dir, "src-final.bin");
+    assert!(
+        during == frozen,
+        "pages read in postcopy differ from the source's"
+    );
+    check_guest_ram(&during).unwrap_or_else(|r| panic!("{r}"));
+    dest.exec("cont", Value::Null);
+    check_destination_runs(&mut dest, &dir);
+}
+
+/// Variant B: the destination's vCPUs run during postcopy and fault pages in.
+#[test]
+fn postcopy_with_running_destination() {
+    if !postcopy_vcpu_faults_supported("postcopy_with_running_destination") {
+        return;
+    }
+    let _t = TestTimer::start("postcopy_with_running_destination");
+    let dir = TempDir::new("mig-postcopy-running");
+    let kernel = write_migration_guest(dir.path(), "guest.elf");
+    let mut pair = start_pair(&dir, &kernel, &[], true);
+    // A slow background: the guest's walk itself must fault most pages in.
+    start_postcopy(&mut pair, SLOW_POSTCOPY, true);
+    let Pair {
+        mut src, mut dest, ..
+    } = pair;
+    let deadline = Instant::now() + TIMEOUT;
+    loop {
+        let info = src.migration_status();
+        let requests = info["ram"]["postcopy-requests"].as_u64().unwrap_or(0);
+        if requests >= POSTCOPY_VCPU_REQUESTS {
+            break;
+        }
+        assert_eq!(info["status"], "postcopy-active", "{info}");
+        assert!(
+            Instant::now() < deadline,
+            "the destination's vCPUs asked for only {requests} pages: {info}\n{}",
+            dest.skiff.dump()
+        );
+        thread::sleep(Duration::from_millis(10));
+    }
+    src.set_parameters(json!({"max-postcopy-bandwidth": 0}));
+    let info = src.wait_migration(&["completed"]);
+    eprintln!("source: {info}");
+    assert!(info["downtime"].as_i64().is_some(), "{info}");
+    assert!(info["ram"]["postcopy-bytes"].as_u64() > Some(0), "{info}");
+    dest.wait_migration(&["completed"]);
+    assert_eq!(src.status(), "postmigrate");
+    assert_eq!(dest.status(), "running");
+    check_destination_runs(&mut dest, &dir);
+}
+
+/// Breaks a postcopy migration `breaks` times with `migrate-pause` on the source and
+/// recovers it each time; nothing may be lost.
+fn postcopy_recovery(test: &'static str, breaks: usize, dest_runs: bool) {
+    let _t = TestTimer::start(test);
+    let dir = TempDir::new(test);
+    let kernel = write_migration_guest(dir.path(), "guest.elf");
+    let dest_extra: &[&str] = if dest_runs { &[] } else { &["-S"] };
+    let mut pair = start_pair(&dir, &kernel, dest_extra, true);
+    start_postcopy(&mut pair, SLOW_POSTCOPY, dest_runs);
+    let Pair {
+        mut src, mut dest, ..
+    } = pair;
+    for round in 0..breaks {
+        let (reply, _) = src.exec_oob("migrate-pause", Value::Null);
+        assert_eq!(reply["return"], json!({}), "round {round}: {reply}");
+        dest.wait_migration_event("postcopy-paused");
+        src.wait_migration_event("postcopy-paused");
+        assert_eq!(src.migration_status()["status"], "postcopy-paused");
+        if !dest_runs {
+            assert_eq!(dest.migration_status()["status"], "postcopy-paused");
+        }
+        // Postcopy cannot be cancelled, and a second pause is refused.
+        let e = src.exec_err("migrate_cancel", Value::Null);
+        assert!(e.contains("Postcopy"), "{e}");
+        let (reply, _) = src.exec_oob("migrate-pause", Value::Null);
+        assert!(reply.get("error").is_some(), "{reply}");
+
+        let recover = format!(
+            "unix:{}",
+            dir.join(&format!("recover-{round}.sock")).display()
+        );
+        let (reply, took) = dest.exec_oob("migrate-recover", json!({ "uri": recover }));
+        assert_eq!(reply["return"], json!({}), "round {round}: {reply}");
+        eprintln!("round {round}: migrate-recover answered in {took:?}");
+        src.exec("migrate", json!({"uri": recover, "resume": true}));
+        dest.wait_migration_event("postcopy-recover");
+        dest.wait_migration_event("postcopy-active");
+        src.wait_migration_event("postcopy-recover-setup");
+        src.wait_migration_event("postcopy-recover");
+        src.wait_migration_event("postcopy-active");
+    }
+    src.set_parameters(json!({"max-postcopy-bandwidth": 0}));
+    let info = src.wait_migration(&["completed"]);
+    eprintln!("source: {info}");
+    dest.wait_migration(&["completed"]);
+    src.wait_migration_event("completed");
+    dest.wait_migration_event("completed");
+    if dest_runs {
+        assert_eq!(dest.status(), "running");
+    } else {
+        let mem = dest.read_range(&dir, "dest-final.bin");
+        let frozen = src.read_range(&dir, "src-final.bin");
+        assert!(
+            mem == frozen,
+            "the destination's RAM differs from the source's"
+        );
+        dest.exec("cont", Value::Null);
+    }
+    check_destination_runs(&mut dest, &dir);
+}
+
+/// One `migrate-pause` and recovery, destination vCPUs running (probe-guarded).
+#[test]
+fn postcopy_recovery_once() {
+    if !postcopy_vcpu_faults_supported("postcopy_recovery_once") {
+        return;
+    }
+    postcopy_recovery("postcopy_recovery_once", 1, true);
+}
+
+/// Two successive breaks and recoveries, destination started with -S; its final RAM must
+/// equal the source's.
+#[test]
+fn postcopy_recovery_twice() {
+    if !userfaultfd_available("postcopy_recovery_twice") {
+        return;
+    }
+    postcopy_recovery("postcopy_recovery_twice", 2, false);
+}
+
+/// Recovery survives failed attempts (QEMU's double-failure tests): a resume towards nobody,
+/// a reconnection that sends garbage, a retried `migrate-recover`, and a reconnection that
+/// stalls in the handshake until `migrate-pause` on the destination.
+#[test]
+fn postcopy_recovery_after_failed_attempts() {
+    if !userfaultfd_available("postcopy_recovery_after_failed_attempts") {
+        return;
+    }
+    let _t = TestTimer::start("postcopy_recovery_after_failed_attempts");
+    let dir = TempDir::new("mig-recovery-failures");
+    let kernel = write_migration_guest(dir.path(), "guest.elf");
+    let mut pair = start_pair(&dir, &kernel, &["-S"], true);
+    start_postcopy(&mut pair, SLOW_POSTCOPY, false);
+    let Pair {
+        mut src, mut dest, ..
+    } = pair;
+    let sock = |name: &str| dir.join(name);
+    let uri = |name: &str| format!("unix:{}", sock(name).display());
+    src.exec_oob("migrate-pause", Value::Null);
+    src.wait_migration_event("postcopy-paused");
+    dest.wait_migration_event("postcopy-paused");
+
+    // 1. The source resumes towards nobody: back to paused.
+    src.exec(
+        "migrate",
+        json!({"uri": uri("nobody.sock"), "resume": true}),
+    );
+    src.wait_migration_event("postcopy-recover-setup");
+    src.wait_migration_event("postcopy-paused");
+
+    // 1b. The source reaches something that never answers: migrate-pause on the source.
+    let silent = std::os::unix::net::UnixListener::bind(sock("silent.sock")).expect("bind");
+    src.exec(
+        "migrate",
+        json!({"uri": uri("silent.sock"), "resume": true}),
+    );
+    src.wait_migration_event("postcopy-recover-setup");
+    src.wait_migration_event("postcopy-recover");
+    let (reply, took) = src.exec_oob("migrate-pause", Value::Null);
+    assert_eq!(reply["return"], json!({}), "{reply}");
+    assert!(took < Duration::from_secs(1), "migrate-pause took {took:?}");
+    src.wait_migration_event("postcopy-paused");
+    drop(silent);
+
+    // 2. Something else connects to the recovery address and sends garbage.
+    let (reply, _) = dest.exec_oob("migrate-recover", json!({"uri": uri("a.sock")}));
+    assert_eq!(reply["return"], json!({}), "{reply}");
+    {
+        use std::io::Write;
+        let mut fake = std::os::unix::net::UnixStream::connect(sock("a.sock")).expect("connect");
+        fake.write_all(b"NOT A SKIFF STREAM").expect("write");
+    }
+    dest.wait_migration_event("postcopy-recover");
+    dest.wait_migration_event("postcopy-paused");
+
+    // 3. Something connects and stalls in the handshake: migrate-pause on the destination.
+    let (reply, _) = dest.exec_oob("migrate-recover", json!({"uri": uri("b.sock")}));
+    assert_eq!(reply["return"], json!({}), "{reply}");
+    let stalled = std::os::unix::net::UnixStream::connect(sock("b.sock")).expect("connect");
+    dest.wait_migration_event("postcopy-recover");
+    let (reply, took) = dest.exec_oob("migrate-pause", Value::Null);
+    assert_eq!(reply["return"], json!({}), "{reply}");
+    assert!(took < Duration::from_secs(1), "migrate-pause took {took:?}");
+    dest.wait_migration_event("postcopy-paused");
+    drop(stalled);
+
+    // 4. migrate-recover retried before the source comes, with another address and then
+    // with the same one again: the last one counts.
+    for name in ["c.sock", "d.sock", "d.sock"] {
+        let (reply, _) = dest.exec_oob("migrate-recover", json!({"uri": uri(name)}));
+        assert_eq!(reply["return"], json!({}), "{name}: {reply}");
+        thread::sleep(Duration::from_millis(50));
+    }
+    src.exec("migrate", json!({"uri": uri("d.sock"), "resume": true}));
+    src.wait_migration_event("postcopy-active");
+    dest.wait_migration_event("postcopy-active");
+    src.set_parameters(json!({"max-postcopy-bandwidth": 0}));
+    src.wait_migration(&["completed"]);
+    dest.wait_migration(&["completed"]);
+    let mem = dest.read_range(&dir, "dest-final.bin");
+    let frozen = src.read_range(&dir, "src-final.bin");
+    assert!(
+        mem == frozen,
+        "the destination's RAM differs from the source's"
+    );
+    dest.exec("cont", Value::Null);
+    check_destination_runs(&mut dest, &dir);
+}
+
+/// QEMU's reason for out-of-band `migrate-recover`: while postcopy is paused, an in-band
+/// command that reads a missing page blocks the destination's main loop (with the big lock)
+/// until the page arrives, which needs recovery first. `migrate-recover` must still be
+/// answered at once.
+#[test]
+fn oob_migrate_recover_while_main_loop_blocked() {
+    if !userfaultfd_available("oob_migrate_recover_while_main_loop_blocked") {
+        return;
+    }
+    let _t = TestTimer::start("oob_migrate_recover_while_main_loop_blocked");
+    let dir = TempDir::new("mig-oob");
+    let kernel = write_migration_guest(dir.path(), "guest.elf");
+    let mut pair = start_pair(&dir, &kernel, &["-S"], true);
+    start_postcopy(&mut pair, SLOW_POSTCOPY, false);
+    let Pair {
+        mut src, mut dest, ..
+    } = pair;
+    src.exec_oob("migrate-pause", Value::Null);
+    src.wait_migration_event("postcopy-paused");
+    dest.wait_migration_event("postcopy-paused");
+
+    // An in-band pmemsave of the whole range: pages dirtied at the switch-over are missing.
+    let blocked_file = dir.join("blocked.bin");
+    let pmem_id = json!("blocked-pmemsave");
+    dest.qmp
+        .send(&json!({"execute": "pmemsave", "id": pmem_id, "arguments": {
+            "val": MIG_START, "size": MIG_END - MIG_START,
+            "filename": blocked_file.display().to_string()}}))
+        .expect("send pmemsave");
+    match dest.qmp.read_message(Duration::from_millis(500)) {
+        Err(e) if e.is_timeout() => {}
+        other => panic!("pmemsave did not block on a missing page: {other:?}"),
+    }
+
+    let recover = format!("unix:{}", dir.join("recover.sock").display());
+    let (reply, took) = dest.exec_oob("migrate-recover", json!({ "uri": recover }));
+    eprintln!("migrate-recover answered in {took:?} with pmemsave blocked");
+    assert_eq!(reply["return"], json!({}), "{reply}");
+    assert!(
+        took < Duration::from_secs(1),
+        "migrate-recover took {took:?}"
+    );
+    // The in-band pmemsave has not answered (reply_to would have failed on it).
+
+    src.exec("migrate", json!({"uri": recover, "resume": true}));
+    src.wait_migration_event("postcopy-active");
+    src.set_parameters(json!({"max-postcopy-bandwidth": 0}));
+    // Events that come first are queued by reply_to.
+    let reply = dest
+        .qmp
+        .reply_to(&pmem_id, TIMEOUT)
+        .unwrap_or_else(|e| panic!("pmemsave: {e}\n{}", dest.skiff.dump()));
+    assert_eq!(reply["return"], json!({}), "{reply}");
+    dest.wait_migration_event("postcopy-recover");
+    dest.wait_migration_event("postcopy-active");
+    src.wait_migration(&["completed"]);
+    dest.wait_migration(&["completed"]);
+    let got = std::fs::read(&blocked_file).expect("pmemsave file");
+    let frozen = src.read_range(&dir, "src-final.bin");
+    assert!(
+        got == frozen,
+        "the blocked pmemsave read other bytes than the source has"
+    );
+    check_guest_ram(&got).unwrap_or_else(|r| panic!("{r}"));
+}
+
+// ---------------------------------------------------------------------------------------
+// Cancel and broken connections
+
+/// `migrate_cancel` in a slow precopy: the source goes `cancelled` and runs on, the
+/// destination exits with status 1, and a new migration can start.
+#[test]
+fn cancel_during_precopy() {
+    let _t = TestTimer::start("cancel_during_precopy");
+    let dir = TempDir::new("mig-cancel");
+    let kernel = write_migration_guest(dir.path(), "guest.elf");
+    let Pair { mut src, dest, uri } = start_pair(&dir, &kernel, &[], false);
+    src.set_parameters(json!({"max-bandwidth": 1u64 << 20}));
+    src.exec("migrate", json!({ "uri": uri }));
+    src.wait_migration_event("active");
+    thread::sleep(Duration::from_millis(200));
+    // query-migrate while active.
+    let info = src.migration_status();
+    assert_eq!(info["status"], "active", "{info}");
+    let ram = &info["ram"];
+    assert!(ram["transferred"].as_u64() > Some(0), "{info}");
+    assert!(ram["remaining"].as_u64() > Some(0), "{info}");
+    assert_eq!(ram["total"].as_u64(), Some(MEMORY_BYTES), "{info}");
+    assert!(info["total-time"].as_i64() > Some(0), "{info}");
+    assert!(info.get("downtime").is_none(), "{info}");
+    let started = Instant::now();
+    src.exec("migrate_cancel", Value::Null);
+    src.wait_migration(&["cancelled"]);
+    eprintln!("cancelled in {:?}", started.elapsed());
+    let statuses = src.drain_migration_events();
+    assert!(
+        statuses.ends_with(&["cancelling".into(), "cancelled".into()]),
+        "{statuses:?}"
+    );
+    check_source_runs(&mut src, &dir);
+    let finished = dest.skiff.finish(Duration::from_secs(20));
+    finished.assert_exit(1);
+    assert!(!finished.stderr.contains("panicked"), "{}", finished.dump());
+    // A new migration can start after a cancelled one.
+    src.set_parameters(json!({"max-bandwidth": 0}));
+    let file = dir.join("after-cancel.bin");
+    src.exec(
+        "migrate",
+        json!({"uri": format!("file:{}", file.display())}),
+    );
+    src.wait_migration(&["completed"]);
+}
+
+/// The destination dies in precopy: the source goes `failed`, says why, and runs on.
+#[test]
+fn killed_destination_fails_precopy() {
+    let _t = TestTimer::start("killed_destination_fails_precopy");
+    let dir = TempDir::new("mig-kill-precopy");
+    let kernel = write_migration_guest(dir.path(), "guest.elf");
+    let Pair {
+        mut src,
+        mut dest,
+        uri,
+    } = start_pair(&dir, &kernel, &[], false);
+    src.set_parameters(json!({"max-bandwidth": 1u64 << 20}));
+    src.exec("migrate", json!({ "uri": uri }));
+    src.wait_migration_event("active");
+    thread::sleep(Duration::from_millis(200));
+    dest.skiff.kill();
+    let info = src.wait_migration(&["failed"]);
+    eprintln!("source: {info}");
+    let error = info["error-desc"].as_str().unwrap_or_default();
+    assert!(!error.is_empty(), "no error-desc: {info}");
+    check_source_runs(&mut src, &dir);
+}
+
+/// The destination dies in postcopy: the source pauses (the guest stays stopped there,
+/// nothing lost), refuses cancel, and a resume towards nobody pauses again.
+#[test]
+fn killed_destination_pauses_postcopy() {
+    if !userfaultfd_available("killed_destination_pauses_postcopy") {
+        return;
+    }
+    let _t = TestTimer::start("killed_destination_pauses_postcopy");
+    let dir = TempDir::new("mig-kill-postcopy");
+    let kernel = write_migration_guest(dir.path(), "guest.elf");
+    let mut pair = start_pair(&dir, &kernel, &["-S"], true);
+    start_postcopy(&mut pair, SLOW_POSTCOPY, false);
+    let Pair {
+        mut src, mut dest, ..
+    } = pair;
+    dest.skiff.kill();
+    src.wait_migration_event("postcopy-paused");
+    let info = src.wait_migration(&["postcopy-paused"]);
+    eprintln!("source: {info}");
+    // The guest state stays on the source, stopped: nothing is lost or run twice.
+    assert_eq!(src.status(), "postmigrate");
+    let e = src.exec_err("migrate_cancel", Value::Null);
+    assert!(e.contains("Postcopy"), "{e}");
+    // Resuming towards nobody fails and pauses again.
+    let nowhere = format!("unix:{}", dir.join("nobody.sock").display());
+    src.exec("migrate", json!({"uri": nowhere, "resume": true}));
+    src.wait_migration_event("postcopy-recover-setup");
+    src.wait_migration_event("postcopy-paused");
+    assert_eq!(src.migration_status()["status"], "postcopy-paused");
+}
+
+/// The source dies in postcopy: the destination pauses, answers QMP and accepts
+/// `migrate-recover`.
+#[test]
+fn killed_source_pauses_postcopy_destination() {
+    if !userfaultfd_available("killed_source_pauses_postcopy_destination") {
+        return;
+    }
+    let _t = TestTimer::start("killed_source_pauses_postcopy_destination");
+    let dir = TempDir::new("mig-kill-source");
+    let kernel = write_migration_guest(dir.path(), "guest.elf");
+    let mut pair = start_pair(&dir, &kernel, &["-S"], true);
+    start_postcopy(&mut pair, SLOW_POSTCOPY, false);
+    let Pair {
+        mut src, mut dest, ..
+    } = pair;
+    src.skiff.kill();
+    dest.wait_migration_event("postcopy-paused");
+    // The destination waits for a recovery; its monitor still answers.
+    assert_eq!(dest.migration_status()["status"], "postcopy-paused");
+    assert_eq!(dest.status(), "paused");
+    let (reply, _) = dest.exec_oob(
+        "migrate-recover",
+        json!({"uri": format!("unix:{}", dir.join("r.sock").display())}),
+    );
+    assert_eq!(reply["return"], json!({}), "{reply}");
+    assert!(dest.skiff.try_status().is_none(), "the destination exited");
+}
+
+// ---------------------------------------------------------------------------------------
+// Bad addresses
+
+/// Bad `migrate` URIs give clear errors, a missing destination fails the migration (the
+/// guest runs on), recovery commands are refused outside postcopy, and a bad `--incoming`
+/// is a one-line CLI error with status 2.
+#[test]
+fn bad_migration_uris() {
+    let _t = TestTimer::start("bad_migration_uris");
+    let dir = TempDir::new("mig-bad-uri");
+    let kernel = write_migration_guest(dir.path(), "guest.elf");
+    let mut src = start_vmm(&dir, "src", &kernel, &vm_args(&[]));
+    src.set_capabilities(false);
+    for (uri, expected) in [
+        ("exec:cat", "unknown migration protocol: exec"),
+        ("tcp:nohost", "invalid migration URI 'tcp:nohost'"),
+        ("unix:", "invalid migration URI 'unix:'"),
+        ("bogus", "unknown migration protocol"),
+    ] {
+        let e = src.exec_err("migrate", json!({ "uri": uri }));
+        assert!(e.contains(expected), "{uri}: {e}");
+    }
+    assert_eq!(src.migration_status(), json!({}));
+    let e = src.exec_err("migrate-start-postcopy", Value::Null);
+    assert!(e.contains("Enable postcopy"), "{e}");
+    // No destination: the migration fails and says why; the guest runs on.
+    src.exec("migrate", json!({"uri": "unix:/nonexistent/sock"}));
+    let info = src.wait_migration(&["failed"]);
+    let error = info["error-desc"].as_str().unwrap_or_default();
+    assert!(error.contains("/nonexistent/sock"), "{info}");
+    src.wait_migration_event("failed");
+    check_source_runs(&mut src, &dir);
+    // Recovery commands outside postcopy are refused.
+    let (reply, _) = src.exec_oob("migrate-pause", Value::Null);
+    assert!(reply.get("error").is_some(), "{reply}");
+    let e = src.exec_err("migrate", json!({"uri": "unix:/x", "resume": true}));
+    assert!(e.contains("paused"), "{e}");
+
+    for bad in ["bogus:x", "tcp:nohost", "file:"] {
+        let finished = run(
+            [
+                "--kernel",
+                &kernel.display().to_string(),
+                "--serial",
+                "none",
+                "--incoming",
+                bad,
+            ],
+            b"",
+            Duration::from_secs(20),
+        );
+        finished.assert_exit(2);
+        finished.assert_clean_error();
+        assert!(
+            finished.stderr.contains("--incoming"),
+            "{}",
+            finished.dump()
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Damaged streams
+
+/// One section of a saved stream: kind and byte range (header to checksum).
+struct Section {
+    kind: u8,
+    start: usize,
+    payload: usize,
+    end: usize,
+}
+
+/// Splits a stream into its sections (the framing of vmm/src/migration/stream.rs).
+fn parse_stream(bytes: &[u8]) -> Vec<Section> {
+    assert_eq!(&bytes[..8], b"SKIFFMIG");
+    let mut sections = Vec::new();
+    let mut at = STREAM_HEADER_LEN;
+    while at < bytes.len() {
+        let kind = bytes[at];
+        assert_eq!(&bytes[at + 1..at + 4], &[0, 0, 0]);
+        let len = u32::from_le_bytes(bytes[at + 4..at + 8].try_into().expect("4 bytes")) as usize;
+        let end = at + 8 + len + 4;
+        assert!(end <= bytes.len(), "section at {at} overruns the file");
+        sections.push(Section {
+            kind,
+            start: at,
+            payload: at + 8,
+            end,
+        });
+        at = end;
+    }
+    sections
+}
+
+/// Restores `bytes` (written to `dir/name`) into a new skiff; it must
+/// exit with status 1 and one line of error, which is returned. `memory` is its RAM size.
+fn restore_must_fail(
+    dir: &TempDir,
+    kernel: &Path,
+    name: &str,
+    bytes: &[u8],
+    memory: &str,
+) -> String {
+    let path = dir.join(name);
+    std::fs::write(&path, bytes).expect("write damaged stream");
+    let incoming = format!("file:{}", path.display());
+    let kernel = kernel.display().to_string();
+    let args = [
+        "--kernel",
+        kernel.as_str(),
+        "--incoming",
+        incoming.as_str(),
+        "--serial",
+        "none",
+        "--memory",
+        memory,
+    ];
+    let finished = run(args, b"", Duration::from_secs(20));
+    finished.assert_exit(1);
+    finished.assert_clean_error();
+    let _ = std::fs::remove_file(&path);
+    finished.stderr.trim().to_string()
+}
+
+/// A saved stream cut at every section boundary and inside a section, with flipped bytes
+/// (stream header, section header, page data, device state), or restored into another RAM
+/// size or vCPU count: the destination exits with status 1 and one line naming the problem,
+/// never panics or hangs; with `exit-on-error: false` it stays and reports the error.
+#[test]
+fn damaged_streams_are_refused() {
+    let _t = TestTimer::start("damaged_streams_are_refused");
+    let dir = TempDir::new("mig-damaged");
+    let kernel = write_migration_guest(dir.path(), "guest.elf");
+    let snapshot = std::fs::read(save_snapshot(&dir, &kernel, "snap.bin")).expect("snapshot");
+    let sections = parse_stream(&snapshot);
+    let kinds: Vec<u8> = sections.iter().map(|s| s.kind).collect();
+    eprintln!("{} sections: {kinds:?}", sections.len());
+    assert_eq!(kinds.first(), Some(&KIND_CONFIG));
+    assert_eq!(kinds.last(), Some(&KIND_END));
+    assert!(kinds.contains(&KIND_RAM_PAGES) && kinds.contains(&KIND_DEVICE_STATE));
+
+    // Cut at every section boundary (the stream ends cleanly, but too early).
+    let mut cuts = vec![0, STREAM_HEADER_LEN];
+    cuts.extend(sections[..sections.len() - 1].iter().map(|s| s.end));
+    for cut in cuts {
+        let e = restore_must_fail(&dir, &kernel, "cut.bin", &snapshot[..cut], MEMORY);
+        eprintln!("cut at {cut}: {e}");
+        assert!(
+            e.contains("ended before the migration was complete"),
+            "cut at {cut}: {e}"
+        );
+    }
+    // Cuts inside a section header, a payload and a checksum.
+    // A page section of at least two pages.
+    let pages = sections
+        .iter()
+        .find(|s| s.kind == KIND_RAM_PAGES && s.end - s.payload >= 8 + 2 * 4096 + 4)
+        .expect("a section of pages");
+    for (cut, what) in [
+        (pages.start + 3, "a section header"),
+        (pages.payload + 5000, "a section"),
+        (pages.end - 2, "a section checksum"),
+    ] {
+        let e = restore_must_fail(&dir, &kernel, "cut.bin", &snapshot[..cut], MEMORY);
+        assert!(
+            e.contains(&format!("ends in the middle of {what}")),
+            "cut at {cut}: {e}"
+        );
+    }
+
+    // Flipped bytes.
+    let state = sections
+        .iter()
+        .find(|s| s.kind == KIND_DEVICE_STATE)
+        .expect("state");
+    let flips = [
+        (0, "bad magic"),
+        (8, "version"),
+        (pages.start, "section"),
+        (pages.start + 1, "reserved bytes"),
+        // A wrong length: the layout or the checksum is wrong then.
+        (pages.start + 5, "RamPages section"),
+        (pages.payload + 8 + 4096 + 17, "checksum"),
+        (state.payload + 10, "checksum"),
+        (state.end - 1, "checksum"),
+    ];
+    for (at, expected) in flips {
+        let mut bad = snapshot.clone();
+        bad[at] ^= 0x41;
+        let e = restore_must_fail(&dir, &kernel, "flip.bin", &bad, MEMORY);
+        eprintln!("flip at {at}: {e}");
+        assert!(e.contains(expected), "flip at {at}: {e}");
+    }
+
+    // Another RAM size.
+    let e = restore_must_fail(&dir, &kernel, "mem.bin", &snapshot, "64M");
+    assert!(e.contains("32 MiB") && e.contains("64 MiB"), "{e}");
+    // With migrate-incoming exit-on-error=false the destination stays and reports.
+    let path = dir.join("bad-magic.bin");
+    let mut bad = snapshot.clone();
+    bad[0] ^= 0x41;
+    std::fs::write(&path, &bad).expect("write stream");
+    let mut dest = start_vmm(&dir, "dest", &kernel, &vm_args(&["--incoming", "defer"]));
+    dest.set_capabilities(false);
+    dest.exec(
+        "migrate-incoming",
+        json!({"uri": format!("file:{}", path.display()), "exit-on-error": false}),
+    );
+    let info = dest.wait_migration(&["failed"]);
+    assert!(
+        info["error-desc"]
+            .as_str()
+            .is_some_and(|e| e.contains("bad magic")),
+        "{info}"
+    );
+    dest.wait_migration_event("failed");
+    assert_eq!(dest.status(), "inmigrate");
+    assert!(dest.skiff.try_status().is_none(), "the destination exited");
+
+    // Another vCPU count.
+    let path = dir.join("cpus.bin");
+    std::fs::write(&path, &snapshot).expect("write stream");
+    let finished = run(
+        [
+            "--kernel",
+            &kernel.display().to_string(),
+            "--incoming",
+            &format!("file:{}", path.display()),
+            "--serial",
+            "none",
+            "--memory",
+            MEMORY,
+            "--cpus",
+            "2",
+        ],
+        b"",
+        Duration::from_secs(20),
+    );
+    finished.assert_exit(1);
+    finished.assert_clean_error();
+    assert!(finished.stderr.contains("1 vCPUs"), "{}", finished.dump());
 }

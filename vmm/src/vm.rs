@@ -486,7 +486,18 @@ mod tests {
             mem_size: MIB,
             num_cpus,
         };
-        let vm = Arc::new(Vm::new(machine, power, mem, kvm, image, None).unwrap());
+        let vm = Arc::new(
+            Vm::new(
+                machine,
+                power,
+                mem,
+                kvm,
+                image,
+                None,
+                Arc::new(MigrationState::new()),
+            )
+            .unwrap(),
+        );
         let threads = vcpus
             .into_iter()
             .enumerate()

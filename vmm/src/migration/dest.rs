@@ -23,6 +23,9 @@ use crate::snapshot::{MachineState, SnapshotError};
 use crate::uffd::{UffdError, Userfault};
 use crate::vm::{Vm, VmAction};
 
+/// How often a destination waiting for the source to reconnect checks for a newer
+/// `migrate-recover`, in milliseconds.
+const RECOVER_POLL_MS: libc::c_int = 20;
 /// Read buffer of the incoming channel.
 const READ_BUFFER: usize = 1 << 20;
 
@@ -448,9 +451,14 @@ impl Dest {
         self.state.set_status(MigrationStatus::PostcopyPaused);
         loop {
             let mut listener = self.state.wait_recover_listener();
-            let accepted = listener.accept();
+            let Some(accepted) = self.accept_recovery(&mut listener) else {
+                // A retried migrate-recover replaced this listener: wait on the new one.
+                continue;
+            };
             drop(listener);
             match accepted.map_err(DestError::from).and_then(|c| {
+                // The channel first: `migrate-pause` in postcopy-recover must find it.
+                self.state.set_channel(Some(c.try_clone()?));
                 self.state.set_status(MigrationStatus::PostcopyRecover);
                 self.attach(c)
             }) {
@@ -460,6 +468,34 @@ impl Dest {
                     self.rp.set(None);
                     self.state.set_channel(None);
                     self.state.set_status(MigrationStatus::PostcopyPaused);
+                }
+            }
+        }
+    }
+
+    /// Waits for the source to connect to `listener` (from `migrate-recover`). Returns
+    /// `None` if another `migrate-recover` came first: as in QEMU, it may be retried (with
+    /// another address, or the same), and the last one counts.
+    fn accept_recovery(&self, listener: &mut Listener) -> Option<std::io::Result<Channel>> {
+        loop {
+            if self.state.recover_listener_pending() {
+                return None;
+            }
+            let mut fds = [libc::pollfd {
+                fd: listener.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            }];
+            // SAFETY: `fds` is a live array of one pollfd, and its length is passed.
+            let ret =
+                unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, RECOVER_POLL_MS) };
+            if ret > 0 {
+                return Some(listener.accept());
+            }
+            if ret < 0 {
+                let e = std::io::Error::last_os_error();
+                if e.kind() != std::io::ErrorKind::Interrupted {
+                    return Some(Err(e));
                 }
             }
         }

@@ -366,6 +366,12 @@ impl MigrationState {
         }
     }
 
+    /// Destination: whether a `migrate-recover` is waiting to be taken, i.e. it replaced the
+    /// listener the migration thread waits on.
+    pub fn recover_listener_pending(&self) -> bool {
+        self.inner().recover_listener.is_some()
+    }
+
     /// `migrate` with `resume: true` on a paused source: hands the new address to the
     /// migration thread.
     pub fn request_resume(&self, uri: MigrationUri) -> Result<(), QmpError> {
@@ -459,10 +465,14 @@ impl MigrationState {
 
     /// `migrate-set-capabilities`.
     pub fn set_capabilities(&self, caps: &[MigrationCapabilityStatus]) -> Result<(), QmpError> {
-        if self.is_active() {
+        let mut inner = self.inner();
+        // A destination listening since start-up (`--incoming URI`) is in `setup` until the
+        // source connects; as in QEMU, its capabilities may still be set then (postcopy-ram
+        // and events must be on before the stream starts).
+        let listening = inner.role == Role::Destination && self.status() == MigrationStatus::Setup;
+        if self.is_active() && !listening {
             return Err(QmpError::generic("There's a migration process in progress"));
         }
-        let mut inner = self.inner();
         let mut new = inner.caps;
         for cap in caps {
             match cap.capability {
@@ -642,5 +652,24 @@ mod tests {
         assert!(state.cancel().is_err());
         state.finish(MigrationStatus::Completed, None);
         assert!(state.begin(Role::Source, 4096).is_ok());
+    }
+
+    fn events_on() -> [MigrationCapabilityStatus; 1] {
+        [MigrationCapabilityStatus {
+            capability: MigrationCapability::Events,
+            state: true,
+        }]
+    }
+
+    #[test]
+    fn a_listening_destination_takes_capabilities() {
+        let state = MigrationState::new();
+        state.begin(Role::Destination, 4096).unwrap();
+        assert!(state.set_capabilities(&events_on()).is_ok());
+        state.set_status(MigrationStatus::Active);
+        assert!(state.set_capabilities(&events_on()).is_err());
+        let source = MigrationState::new();
+        source.begin(Role::Source, 4096).unwrap();
+        assert!(source.set_capabilities(&events_on()).is_err());
     }
 }

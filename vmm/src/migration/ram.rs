@@ -163,6 +163,9 @@ impl RamMap {
     ///
     /// Nothing else may access those pages while the slice lives (the destination's vCPUs
     /// are stopped and no userfaultfd covers them), and the pages must lie in one region.
+    // The slice is guest RAM reached through a raw host address, not borrowed from `self`;
+    // exclusivity is the caller's contract above.
+    #[allow(clippy::mut_from_ref)]
     pub unsafe fn pages_mut(&self, page: usize, count: usize) -> Option<&mut [u8]> {
         let host = self.host(page)?;
         let len = count * PAGE_SIZE;

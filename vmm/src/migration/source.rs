@@ -197,6 +197,11 @@ impl Source {
                 self.restart_guest();
                 self.state.finish(MigrationStatus::Cancelled, None);
             }
+            // Cancelling breaks the connection: whatever error that causes means cancelled.
+            Err(_) if self.state.cancel_requested() => {
+                self.restart_guest();
+                self.state.finish(MigrationStatus::Cancelled, None);
+            }
             Err(e) => {
                 log::error!("migration failed: {e}");
                 self.restart_guest();
@@ -332,18 +337,12 @@ impl Source {
             }
             let before = self.sent_bytes;
             self.send_run(conn, first, phase)?;
-            let limit = match phase {
-                Phase::Precopy => self.state.parameters().max_bandwidth,
-                Phase::Downtime => 0,
-                Phase::Postcopy => self.state.parameters().max_postcopy_bandwidth,
-            };
-            if let Some(delay) = limiter.delay(self.sent_bytes - before, limit) {
+            if limiter
+                .delay(self.sent_bytes - before, self.limit(phase))
+                .is_some()
+            {
                 conn.out.flush()?;
-                if phase == Phase::Postcopy {
-                    self.wait_for_requests(conn, delay)?;
-                } else {
-                    std::thread::sleep(delay);
-                }
+                self.throttle(conn, &mut limiter, phase)?;
             }
             if phase == Phase::Postcopy {
                 self.serve_requests(conn)?;
@@ -354,6 +353,42 @@ impl Source {
         self.flush_zero_runs(conn)?;
         self.cursor = 0;
         Ok(true)
+    }
+
+    /// The bandwidth limit of `phase`, in bytes per second (0: unlimited).
+    fn limit(&self, phase: Phase) -> u64 {
+        match phase {
+            Phase::Precopy => self.state.parameters().max_bandwidth,
+            Phase::Downtime => 0,
+            Phase::Postcopy => self.state.parameters().max_postcopy_bandwidth,
+        }
+    }
+
+    /// Waits until `limiter` allows more bytes. Waits in short steps and reads the limit
+    /// again after each, so `migrate-set-parameters` applies at once (a 1 MiB run at
+    /// 4096 B/s would otherwise stall for minutes after the limit was lifted), and so cancel
+    /// and `migrate-start-postcopy` are seen. Postcopy serves page requests meanwhile.
+    fn throttle(
+        &mut self,
+        conn: &mut Connection,
+        limiter: &mut RateLimit,
+        phase: Phase,
+    ) -> Result<(), SourceError> {
+        while let Some(delay) = limiter.delay(0, self.limit(phase)) {
+            if self.state.cancel_requested() {
+                return Err(SourceError::Cancelled);
+            }
+            if phase == Phase::Precopy && self.state.postcopy_requested() {
+                return Ok(());
+            }
+            let step = delay.min(POLL_INTERVAL);
+            if phase == Phase::Postcopy {
+                self.wait_for_requests(conn, step)?;
+            } else {
+                std::thread::sleep(step);
+            }
+        }
+        Ok(())
     }
 
     /// Sends up to one section's worth of consecutive dirty pages starting at `first`
@@ -849,5 +884,16 @@ mod tests {
         assert_eq!(limit.delay(1 << 20, 0), None);
         let delay = limit.delay(1 << 20, 1 << 20).unwrap();
         assert!(delay > Duration::from_millis(900), "{delay:?}");
+    }
+
+    #[test]
+    fn rate_limit_follows_a_changed_limit() {
+        let mut limit = RateLimit::new();
+        let slow = limit.delay(1 << 20, 4096).unwrap();
+        assert!(slow > Duration::from_secs(200), "{slow:?}");
+        // Lifting or raising the limit ends the wait at once (throttle re-reads it).
+        assert_eq!(limit.delay(0, 0), None);
+        let fast = limit.delay(0, 1 << 30).unwrap_or_default();
+        assert!(fast < Duration::from_millis(10), "{fast:?}");
     }
 }

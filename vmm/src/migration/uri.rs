@@ -4,6 +4,8 @@
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::net::{Shutdown, TcpListener, TcpStream, ToSocketAddrs};
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::fs::MetadataExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 
@@ -150,13 +152,14 @@ impl MigrationUri {
                 {
                     let _ = std::fs::remove_file(path);
                 }
-                UnixListener::bind(path)
-                    .map(|l| Listener::Unix(l, path.clone()))
-                    .map_err(|source| UriError::Io {
-                        what: "listen on",
-                        addr: path.display().to_string(),
-                        source,
-                    })
+                let io_err = |source| UriError::Io {
+                    what: "listen on",
+                    addr: path.display().to_string(),
+                    source,
+                };
+                let listener = UnixListener::bind(path).map_err(io_err)?;
+                let inode = std::fs::symlink_metadata(path).map_err(io_err)?.ino();
+                Ok(Listener::Unix(listener, path.clone(), inode))
             }
             MigrationUri::Tcp(addr) => {
                 let io_err = |source| UriError::Io {
@@ -306,8 +309,9 @@ impl Write for Channel {
 /// A listening endpoint of an incoming migration.
 #[derive(Debug)]
 pub enum Listener {
-    /// A unix socket (removed when dropped).
-    Unix(UnixListener, PathBuf),
+    /// A unix socket, its path and the path's inode. The socket file is removed when the
+    /// listener is dropped, unless another listener has been bound at that path since.
+    Unix(UnixListener, PathBuf, u64),
     /// A TCP socket.
     Tcp(TcpListener),
     /// A file, handed out once.
@@ -318,7 +322,7 @@ impl Listener {
     /// Waits for the source.
     pub fn accept(&mut self) -> io::Result<Channel> {
         match self {
-            Listener::Unix(l, _) => l.accept().map(|(s, _)| Channel::Unix(s).tuned()),
+            Listener::Unix(l, _, _) => l.accept().map(|(s, _)| Channel::Unix(s).tuned()),
             Listener::Tcp(l) => {
                 let (s, _) = l.accept()?;
                 let _ = s.set_nodelay(true);
@@ -333,7 +337,7 @@ impl Listener {
     /// Where it listens, as query-migrate's `socket-address` reports it.
     pub fn socket_address(&self) -> Option<SocketAddress> {
         match self {
-            Listener::Unix(_, path) => Some(SocketAddress {
+            Listener::Unix(_, path, _) => Some(SocketAddress {
                 r#type: SocketAddressType::Unix,
                 inet: None,
                 unix: Some(UnixSocketAddress {
@@ -355,8 +359,24 @@ impl Listener {
 
 impl Drop for Listener {
     fn drop(&mut self) {
-        if let Listener::Unix(_, path) = self {
-            let _ = std::fs::remove_file(path);
+        if let Listener::Unix(_, path, inode) = self {
+            // A retried `migrate-recover` may have bound a new listener at the same path.
+            let ours = std::fs::symlink_metadata(&*path).is_ok_and(|m| m.ino() == *inode);
+            if ours {
+                let _ = std::fs::remove_file(path);
+            }
+        }
+    }
+}
+
+impl AsRawFd for Listener {
+    /// The listening socket (for poll), or the file.
+    fn as_raw_fd(&self) -> RawFd {
+        match self {
+            Listener::Unix(l, _, _) => l.as_raw_fd(),
+            Listener::Tcp(l) => l.as_raw_fd(),
+            Listener::File(Some(f)) => f.as_raw_fd(),
+            Listener::File(None) => -1,
         }
     }
 }
@@ -412,6 +432,17 @@ mod tests {
         input.try_clone().unwrap().shutdown();
         assert_eq!(input.read(&mut buf).unwrap(), 0);
         drop(listener);
+        assert!(!dir.join("s").exists());
+        // Binding again at a path in use replaces the old listener, whose drop then leaves
+        // the new socket file alone.
+        let old = uri.listen().unwrap();
+        let new = uri.listen().unwrap();
+        drop(old);
+        assert!(dir.join("s").exists());
+        let mut new = new;
+        let _client = uri.connect().unwrap();
+        new.accept().unwrap();
+        drop(new);
         assert!(!dir.join("s").exists());
         std::fs::remove_dir_all(&dir).unwrap();
     }
