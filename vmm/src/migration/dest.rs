@@ -27,7 +27,7 @@ use crate::vm::{Vm, VmAction};
 /// `migrate-recover`, in milliseconds.
 const RECOVER_POLL_MS: libc::c_int = 20;
 /// Read buffer of the incoming channel.
-const READ_BUFFER: usize = 1 << 20;
+const READ_BUFFER: usize = 64 << 10;
 
 /// The shape of the VM, sent first so a mismatched destination refuses the stream.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -429,6 +429,7 @@ impl Dest {
     fn receive(&mut self, mut listener: Listener) -> Result<(), DestError> {
         let channel = listener.accept()?;
         drop(listener);
+        self.ram.set_huge_pages(true);
         self.state.set_status(MigrationStatus::Active);
         let mut input = self.attach(channel)?;
         while self.stage != Stage::Done {
@@ -568,6 +569,8 @@ impl Dest {
             (Stage::Ram | Stage::Postcopy, Kind::RamPages) => self.load_pages(payload),
             (Stage::Ram | Stage::Postcopy, Kind::RamZero) => self.load_zero(payload),
             (Stage::Ram, Kind::PostcopyAdvise) => {
+                // Postcopy discards and places single 4 KiB pages.
+                self.ram.set_huge_pages(false);
                 Userfault::new().map(drop).map_err(DestError::from)
             }
             (Stage::Ram, Kind::PostcopyDiscard) => self.discard(payload),
