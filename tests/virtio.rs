@@ -17,7 +17,9 @@ use iced_x86::code_asm::*;
 use common::elf::LOAD_ADDR;
 use common::guest::{self, Asm, AsmResult, Image, DATA_AREA};
 use common::process::{run, run_guest, TestTimer};
+use common::qmp_client::QmpClient;
 use common::TempDir;
+use serde_json::json;
 
 /// Hard timeout of a tiny guest run.
 const GUEST_TIMEOUT: Duration = Duration::from_secs(30);
@@ -274,8 +276,8 @@ fn print_bytes(a: &mut Asm, addr: u64, len: usize) -> AsmResult {
     a.jnz(next)
 }
 
-/// The main program: see the module documentation.
-fn main_code(a: &mut Asm) -> AsmResult {
+/// The main program: see the module documentation. Exits 0 at the end, or halts if `halt`.
+fn main_code(a: &mut Asm, halt: bool) -> AsmResult {
     a.mov(rax, IDTR)?;
     a.lidt(ptr(rax))?;
     a.mov(rbx, guest::LAPIC_SVR)?;
@@ -326,11 +328,15 @@ fn main_code(a: &mut Asm) -> AsmResult {
     a.print("disk: ")?;
     print_bytes(a, DISK_DATA, DISK_TEXT_LEN)?;
     a.print("\n")?;
-    a.exit(0)
+    if halt {
+        a.halt_forever()
+    } else {
+        a.exit(0)
+    }
 }
 
 /// Builds the guest image: main program, handlers and IDT.
-fn write_virtio_guest(dir: &Path) -> PathBuf {
+fn write_virtio_guest(dir: &Path, halt: bool) -> PathBuf {
     let build = || -> AsmResult<Image> {
         let mut a = Asm::new64();
         let mut rng = a.create_label();
@@ -362,7 +368,7 @@ fn write_virtio_guest(dir: &Path) -> PathBuf {
         idt.extend_from_slice(&IDT.to_le_bytes());
 
         let mut a = Asm::new64();
-        main_code(&mut a)?;
+        main_code(&mut a, halt)?;
         let main = a.assemble(LOAD_ADDR);
         assert!(
             LOAD_ADDR + main.len() as u64 <= HANDLERS,
@@ -378,6 +384,89 @@ fn write_virtio_guest(dir: &Path) -> PathBuf {
     build()
         .unwrap_or_else(|e| panic!("building the virtio guest: {e}"))
         .write(&dir.join("virtio.elf"))
+}
+
+/// Writes a 1 MiB image starting with `SKIFF-DISK-TEST!`.
+fn write_test_disk(dir: &Path) -> PathBuf {
+    let disk = dir.join("disk.img");
+    let mut sector = b"SKIFF-DISK-TEST!".to_vec();
+    sector.resize(1 << 20, 0);
+    std::fs::write(&disk, &sector).unwrap();
+    disk
+}
+
+/// `query-block`, `query-blockstats` and `info block` describe the disk with QEMU's names;
+/// after the guest read one sector, the counters say so.
+#[test]
+fn qmp_reports_disks_and_their_counters() {
+    let _t = TestTimer::start("qmp_reports_disks_and_their_counters");
+    let dir = TempDir::new("virtio-qmp");
+    let kernel = write_virtio_guest(dir.path(), true);
+    let disk = write_test_disk(dir.path());
+    let sock = dir.join("qmp.sock");
+    let disk_arg = format!("path={},id=d0,readonly=on", disk.display());
+    let qmp_arg = format!("unix:{}", sock.display());
+    let mut skiff = common::process::Skiff::spawn([
+        "--kernel",
+        kernel.to_str().unwrap(),
+        "--disk",
+        &disk_arg,
+        "--rng",
+        "--qmp",
+        &qmp_arg,
+        "--serial",
+        "stdio",
+    ]);
+    let deadline = std::time::Instant::now() + GUEST_TIMEOUT;
+    assert!(
+        skiff.wait_stdout_contains("disk: SKIFF-DISK-TEST!\n", deadline),
+        "{}",
+        skiff.dump()
+    );
+    let mut qmp = QmpClient::open_unix(&sock, false, GUEST_TIMEOUT).unwrap();
+    let path = disk.display().to_string();
+    let blocks = qmp.execute("query-block", json!({})).unwrap();
+    assert_eq!(
+        blocks,
+        json!([{
+            "device": "d0",
+            "qdev": "/machine/peripheral/d0/virtio-backend",
+            "type": "unknown",
+            "removable": false,
+            "locked": false,
+            "inserted": {
+                "file": path, "ro": true, "drv": "raw", "backing_file_depth": 0,
+                "encrypted": false, "detect_zeroes": "off",
+                "bps": 0, "bps_rd": 0, "bps_wr": 0, "iops": 0, "iops_rd": 0, "iops_wr": 0,
+                "image": {"filename": path, "format": "raw", "virtual-size": 1 << 20,
+                          "dirty-flag": false},
+                "cache": {"writeback": true, "direct": false, "no-flush": false},
+                "write_threshold": 0
+            }
+        }])
+    );
+    let stats = qmp.execute("query-blockstats", json!({})).unwrap();
+    let s = &stats[0]["stats"];
+    assert_eq!(stats[0]["device"], "d0", "{stats}");
+    assert_eq!(s["rd_operations"], 1, "{stats}");
+    assert_eq!(s["rd_bytes"], 512, "{stats}");
+    assert_eq!(s["wr_operations"], 0, "{stats}");
+    assert_eq!(s["flush_operations"], 0, "{stats}");
+    assert_eq!(s["timed_stats"], json!([]), "{stats}");
+    let info = qmp
+        .execute(
+            "human-monitor-command",
+            json!({"command-line": "info block"}),
+        )
+        .unwrap();
+    assert_eq!(
+        info,
+        json!(format!(
+            "d0: {path} (raw, read-only)\r\n    Attached to:      \
+             /machine/peripheral/d0/virtio-backend\r\n    Cache mode:       writeback\r\n"
+        ))
+    );
+    skiff.kill();
 }
 
 /// What each guest exit status means.
@@ -414,11 +503,8 @@ const CHECKS: &[(u8, &str)] = &[
 fn tiny_guest_drives_virtio_rng_and_blk() {
     let _t = TestTimer::start("tiny_guest_drives_virtio_rng_and_blk");
     let dir = TempDir::new("virtio");
-    let kernel = write_virtio_guest(dir.path());
-    let disk = dir.join("disk.img");
-    let mut sector = b"SKIFF-DISK-TEST!".to_vec();
-    sector.resize(1 << 20, 0);
-    std::fs::write(&disk, &sector).unwrap();
+    let kernel = write_virtio_guest(dir.path(), false);
+    let disk = write_test_disk(dir.path());
     let disk_arg = format!("path={},id=d0", disk.display());
     let done = run_guest(
         &kernel,
@@ -471,4 +557,228 @@ fn bad_device_options_fail_cleanly() {
         done.assert_clean_error();
         assert!(done.stderr.contains(expected), "{extra:?}: {}", done.dump());
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Linux: virtio-blk probe with MBR partitions, virtio-net DHCP through a tap in a netns.
+// ---------------------------------------------------------------------------------------------
+
+/// Deadline of the Linux boot up to its IP autoconfiguration on the emulating KVM.
+const LINUX_DEADLINE: Duration = Duration::from_secs(900);
+/// Sectors of the test disk (4 MiB).
+const DISK_SECTORS: u32 = 8192;
+
+/// A 4 MiB raw image with an MBR holding two Linux partitions (sectors 2048+2048, 4096+4096).
+fn mbr_image(path: &Path) {
+    let mut image = vec![0u8; DISK_SECTORS as usize * 512];
+    for (i, (start, count)) in [(2048u32, 2048u32), (4096, 4096)].iter().enumerate() {
+        let entry = &mut image[446 + 16 * i..446 + 16 * (i + 1)];
+        entry[1..4].copy_from_slice(&[0xfe, 0xff, 0xff]);
+        entry[4] = 0x83;
+        entry[5..8].copy_from_slice(&[0xfe, 0xff, 0xff]);
+        entry[8..12].copy_from_slice(&start.to_le_bytes());
+        entry[12..16].copy_from_slice(&count.to_le_bytes());
+    }
+    image[510] = 0x55;
+    image[511] = 0xaa;
+    std::fs::write(path, image).unwrap();
+}
+
+/// Runs a command, panicking with its output if it fails.
+fn sh(args: &[&str]) {
+    let out = std::process::Command::new(args[0])
+        .args(&args[1..])
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {args:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{args:?} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A network namespace holding a tap (10.0.2.1/24) and a DHCP server on it; both go away
+/// when dropped.
+struct DhcpNetns {
+    name: String,
+    server: std::process::Child,
+}
+
+/// Tap interface name inside the namespace.
+const TAP: &str = "vtap0";
+
+impl DhcpNetns {
+    /// Why the test cannot run here, if it cannot.
+    fn unavailable() -> Option<String> {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            return Some("not root (network namespaces and taps need CAP_NET_ADMIN)".into());
+        }
+        if !Path::new("/dev/net/tun").exists() {
+            return Some("/dev/net/tun does not exist".into());
+        }
+        for tool in ["ip", "busybox"] {
+            let found = std::process::Command::new("which")
+                .arg(tool)
+                .output()
+                .is_ok_and(|o| o.status.success());
+            if !found {
+                return Some(format!("{tool} is not installed"));
+            }
+        }
+        None
+    }
+
+    fn start(dir: &Path) -> DhcpNetns {
+        let name = format!("skiffvt{}", std::process::id());
+        let _ = std::process::Command::new("ip")
+            .args(["netns", "del", &name])
+            .output();
+        sh(&["ip", "netns", "add", &name]);
+        let ns = |cmd: &[&str]| {
+            let mut full = vec!["ip", "netns", "exec", &name];
+            full.extend_from_slice(cmd);
+            sh(&full);
+        };
+        ns(&["ip", "link", "set", "lo", "up"]);
+        ns(&["ip", "tuntap", "add", "dev", TAP, "mode", "tap", "vnet_hdr"]);
+        ns(&["ip", "addr", "add", "10.0.2.1/24", "dev", TAP]);
+        ns(&["ip", "link", "set", TAP, "up"]);
+        let leases = dir.join("udhcpd.leases");
+        std::fs::write(&leases, b"").unwrap();
+        let conf = dir.join("udhcpd.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "start 10.0.2.15\nend 10.0.2.20\ninterface {TAP}\nlease_file {}\n\
+                 pidfile {}\noption subnet 255.255.255.0\noption router 10.0.2.1\n\
+                 option lease 3600\n",
+                leases.display(),
+                dir.join("udhcpd.pid").display()
+            ),
+        )
+        .unwrap();
+        let server = std::process::Command::new("ip")
+            .args(["netns", "exec", &name, "busybox", "udhcpd", "-f"])
+            .arg(&conf)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start udhcpd: {e}"));
+        DhcpNetns { name, server }
+    }
+}
+
+impl Drop for DhcpNetns {
+    fn drop(&mut self) {
+        let _ = self.server.kill();
+        let _ = self.server.wait();
+        let _ = std::process::Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .output();
+    }
+}
+
+/// Waits until every needle has appeared in skiff's output, in order, or the deadline.
+/// Returns the index of the first needle not seen.
+fn wait_in_order(
+    skiff: &common::process::Skiff,
+    needles: &[&str],
+    deadline: std::time::Instant,
+) -> usize {
+    let seen = |out: &[u8]| {
+        let text = String::from_utf8_lossy(out);
+        let mut at = 0;
+        let mut count = 0;
+        for needle in needles {
+            match text[at..].find(needle) {
+                Some(i) => {
+                    at += i + needle.len();
+                    count += 1;
+                }
+                None => break,
+            }
+        }
+        count
+    };
+    skiff.wait_stdout(deadline, |out| seen(out) == needles.len());
+    seen(skiff.stdout_text().as_bytes())
+}
+
+/// Boots the project's Linux kernel (no initramfs: everything checked happens before user
+/// space) with a virtio disk holding an MBR image, a virtio-net interface on a tap in a
+/// network namespace where udhcpd serves 10.0.2.15-20, and virtio-rng. The kernel must probe
+/// the disk with its size and both partitions, and its `ip=dhcp` autoconfiguration must get
+/// an address through virtio-net.
+#[test]
+fn linux_probes_virtio_blk_and_gets_dhcp_over_virtio_net() {
+    let _t = TestTimer::start("linux_probes_virtio_blk_and_gets_dhcp_over_virtio_net");
+    if let Some(why) = DhcpNetns::unavailable() {
+        eprintln!("SKIPPED: {why}");
+        return;
+    }
+    let root = common::repo_root();
+    let vmlinux = root.join("resources/build/guest/vmlinux");
+    let cmdline_file = root.join("resources/guest/cmdline");
+    assert!(
+        vmlinux.is_file(),
+        "{} is missing: build it with resources/build-guest.sh",
+        vmlinux.display()
+    );
+    let base_cmdline = std::fs::read_to_string(&cmdline_file).unwrap();
+    let cmdline = format!("{} ip=dhcp", base_cmdline.trim());
+    let dir = TempDir::new("virtio-linux");
+    let disk = dir.join("mbr.img");
+    mbr_image(&disk);
+    let net = DhcpNetns::start(dir.path());
+    let disk_arg = format!("path={},id=root", disk.display());
+    let net_arg = format!("tap={TAP},mac=52:54:00:12:34:56,id=net0");
+    let started = std::time::Instant::now();
+    let mut skiff = common::process::Skiff::spawn_via(
+        &["ip", "netns", "exec", &net.name],
+        [
+            "--kernel",
+            vmlinux.to_str().unwrap(),
+            "--cmdline",
+            &cmdline,
+            "--memory",
+            "256M",
+            "--disk",
+            &disk_arg,
+            "--net",
+            &net_arg,
+            "--rng",
+            "--serial",
+            "stdio",
+        ],
+    );
+    let blocks = format!("virtio_blk virtio0: [vda] {DISK_SECTORS} 512-byte logical blocks");
+    let needles = [
+        blocks.as_str(),
+        " vda: vda1 vda2",
+        "IP-Config: Got DHCP answer from 10.0.2.1, my address is 10.0.2.15",
+    ];
+    let met = wait_in_order(&skiff, &needles, started + LINUX_DEADLINE);
+    let elapsed = started.elapsed().as_secs_f64();
+    skiff.kill();
+    let out = skiff.stdout_text();
+    let last = out
+        .lines()
+        .rev()
+        .find(|l| !l.trim().is_empty())
+        .unwrap_or("")
+        .to_string();
+    assert!(
+        met == needles.len(),
+        "after {elapsed:.1} s: missing {:?} (last line: {last:?})\n{}",
+        needles[met],
+        skiff.dump()
+    );
+    for line in out.lines().filter(|l| {
+        l.contains("vda") || l.contains("IP-Config") || l.contains("virtio") || l.contains("ipaddr")
+    }) {
+        eprintln!("guest: {}", line.trim_end());
+    }
+    eprintln!("linux virtio test: all lines seen after {elapsed:.1} s");
 }
