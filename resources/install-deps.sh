@@ -40,3 +40,11 @@ if ! "$venv/bin/python" -c "import sys, importlib.metadata as m; sys.exit(m.vers
     python3 -m venv --clear "$venv"
     "$venv/bin/pip" install --quiet --disable-pip-version-check "qemu.qmp==$qemu_qmp_version"
 fi
+
+# cargo-fuzz for the bounded fuzzing runs in test.sh. It builds with the stable toolchain
+# when RUSTC_BOOTSTRAP=1 lets it use the nightly-only flags (-Z sanitizer=address); pinned.
+cargo_fuzz_version=0.13.2
+if [ "$(cargo fuzz --version 2>/dev/null | awk '{print $2}')" != "$cargo_fuzz_version" ]; then
+    echo "install-deps: installing cargo-fuzz $cargo_fuzz_version"
+    cargo install --quiet --locked --version "$cargo_fuzz_version" cargo-fuzz
+fi

@@ -19,5 +19,19 @@ echo "== cargo test"
 # (--lib --bins --tests: every unit and integration test; benches and doctests are not tests.)
 log=resources/build/test.log
 cargo test --workspace --locked --lib --bins --tests 2>&1 | tee "$log"
+echo "== cargo fuzz (SKIFF_FUZZ_SECONDS=${SKIFF_FUZZ_SECONDS:-60} s per target, 0 to skip)"
+# One bounded libFuzzer run per virtio device on the stable toolchain (RUSTC_BOOTSTRAP=1 for
+# cargo-fuzz's -Z flags). New inputs go to a scratch corpus; fuzz/corpus/<target> seeds it.
+# A crash fails the run and leaves its input in fuzz/artifacts/<target>/.
+fuzz_seconds=${SKIFF_FUZZ_SECONDS:-60}
+if [ "$fuzz_seconds" -gt 0 ]; then
+    scratch=$(mktemp -d)
+    trap 'rm -rf "$scratch"' EXIT
+    for target in virtio_blk virtio_net virtio_rng; do
+        mkdir -p "$scratch/$target" "fuzz/corpus/$target"
+        (cd fuzz && RUSTC_BOOTSTRAP=1 cargo fuzz run "$target" \
+            "$scratch/$target" "corpus/$target" -- -max_total_time="$fuzz_seconds" 2>&1 | tail -n 3)
+    done
+fi
 echo "test.sh: finished in $((SECONDS - start)) s"
 awk '/^test result:/ { p += $4; f += $6 } END { printf "tests: %d passed, %d failed\n", p, f }' "$log"

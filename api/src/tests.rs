@@ -66,6 +66,13 @@ impl InBandCommands for Vm {
             s390x: None,
         }])
     }
+    fn query_block(&mut self) -> Result<Vec<BlockInfo>, QmpError> {
+        Ok(Vec::new())
+    }
+    fn query_blockstats(&mut self, query_nodes: Option<bool>) -> Result<Vec<BlockStats>, QmpError> {
+        self.calls.push(format!("query-blockstats {query_nodes:?}"));
+        Ok(Vec::new())
+    }
     fn query_uuid(&mut self) -> Result<UuidInfo, QmpError> {
         Ok(UuidInfo {
             uuid: "00000000-0000-0000-0000-000000000000".into(),

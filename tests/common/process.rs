@@ -88,7 +88,23 @@ impl Skiff {
         I: IntoIterator<Item = S>,
         S: AsRef<OsStr>,
     {
-        let mut cmd = Command::new(skiff_bin());
+        Skiff::spawn_via(&[], args)
+    }
+
+    /// Spawns `WRAPPER... skiff ARGS` (e.g. `ip netns exec NS`), which must exec skiff.
+    pub fn spawn_via<I, S>(wrapper: &[&str], args: I) -> Skiff
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+    {
+        let mut cmd = match wrapper.split_first() {
+            Some((program, rest)) => {
+                let mut cmd = Command::new(program);
+                cmd.args(rest).arg(skiff_bin());
+                cmd
+            }
+            None => Command::new(skiff_bin()),
+        };
         cmd.args(args)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())

@@ -35,6 +35,28 @@ pub enum ConfigError {
     /// A serial back-end that does not parse.
     #[error("invalid serial back-end '{0}': expected stdio, file:PATH, unix:PATH or none")]
     BadSerial(String),
+    /// A `--disk` value that does not parse.
+    #[error("invalid --disk '{text}': {reason} (expected path=FILE[,readonly=on|off][,id=NAME])")]
+    BadDisk {
+        /// The value given.
+        text: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// A `--net` value that does not parse.
+    #[error("invalid --net '{text}': {reason} (expected tap=IFNAME[,mac=MAC][,id=NAME])")]
+    BadNet {
+        /// The value given.
+        text: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// Two devices share an id.
+    #[error("device id '{0}' is used twice")]
+    DuplicateId(String),
+    /// More virtio devices than the machine has slots for.
+    #[error("{0} virtio devices requested; Skiff supports at most {max}", max = crate::arch::layout::VIRTIO_MMIO_MAX_DEVICES)]
+    TooManyDevices(usize),
 }
 
 /// Parses a size as QEMU's `-m` does: a number with an optional K, M, G or T suffix
@@ -112,6 +134,159 @@ impl FromStr for SerialConfig {
     }
 }
 
+/// Splits `key=value[,key=value...]` into pairs; a value cannot contain a comma.
+fn parse_options(text: &str) -> Result<Vec<(&str, &str)>, String> {
+    let mut pairs = Vec::new();
+    for item in text.split(',') {
+        let Some((key, value)) = item.split_once('=') else {
+            return Err(format!("'{item}' is not key=value"));
+        };
+        if pairs.iter().any(|(k, _)| *k == key) {
+            return Err(format!("'{key}' given twice"));
+        }
+        pairs.push((key, value));
+    }
+    Ok(pairs)
+}
+
+/// Parses an on/off switch as QEMU does (on, off, yes, no, true, false).
+fn parse_switch(key: &str, value: &str) -> Result<bool, String> {
+    match value {
+        "on" | "yes" | "true" => Ok(true),
+        "off" | "no" | "false" => Ok(false),
+        _ => Err(format!("{key}={value}: expected on or off")),
+    }
+}
+
+/// Checks a device id: 1 to 20 characters among letters, digits, '-', '_' and '.',
+/// starting with a letter (QEMU's rule for ids, with the virtio-blk ID's 20-byte limit).
+fn check_id(id: &str) -> Result<String, String> {
+    let valid = id.len() <= 20
+        && id.starts_with(|c: char| c.is_ascii_alphabetic())
+        && id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+    if valid {
+        Ok(id.to_string())
+    } else {
+        Err(format!(
+            "id '{id}': expected 1 to 20 letters, digits, '-', '_' or '.', starting with a letter"
+        ))
+    }
+}
+
+/// `--disk`: a raw disk image behind a virtio-blk device.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiskConfig {
+    /// Path of the raw image.
+    pub path: PathBuf,
+    /// Open read-only (the guest sees a read-only disk).
+    pub read_only: bool,
+    /// The name QMP reports and the virtio-blk ID string; `None` names it `diskN`.
+    pub id: Option<String>,
+}
+
+impl DiskConfig {
+    fn parse(text: &str) -> Result<Self, String> {
+        let mut disk = DiskConfig {
+            path: PathBuf::new(),
+            read_only: false,
+            id: None,
+        };
+        for (key, value) in parse_options(text)? {
+            match key {
+                "path" | "file" if !value.is_empty() => disk.path = value.into(),
+                "path" | "file" => return Err("empty path".to_string()),
+                "readonly" => disk.read_only = parse_switch(key, value)?,
+                "id" => disk.id = Some(check_id(value)?),
+                _ => return Err(format!("unknown option '{key}'")),
+            }
+        }
+        if disk.path.as_os_str().is_empty() {
+            return Err("path= is missing".to_string());
+        }
+        Ok(disk)
+    }
+}
+
+impl FromStr for DiskConfig {
+    type Err = ConfigError;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        Self::parse(text).map_err(|reason| ConfigError::BadDisk {
+            text: text.to_string(),
+            reason,
+        })
+    }
+}
+
+/// `--net`: a tap interface behind a virtio-net device.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NetConfig {
+    /// The tap interface name.
+    pub tap: String,
+    /// The guest's MAC address; `None` generates a random locally administered one.
+    pub mac: Option<[u8; 6]>,
+    /// The device's name; `None` names it `netN`.
+    pub id: Option<String>,
+}
+
+/// Parses a unicast MAC address `aa:bb:cc:dd:ee:ff` (or with '-').
+pub fn parse_mac(text: &str) -> Result<[u8; 6], String> {
+    let bad = || format!("mac '{text}': expected six hex bytes like 52:54:00:12:34:56");
+    let parts: Vec<&str> = text.split([':', '-']).collect();
+    if parts.len() != 6 {
+        return Err(bad());
+    }
+    let mut mac = [0u8; 6];
+    for (byte, part) in mac.iter_mut().zip(parts) {
+        if part.len() != 2 {
+            return Err(bad());
+        }
+        *byte = u8::from_str_radix(part, 16).map_err(|_| bad())?;
+    }
+    if mac[0] & 1 != 0 {
+        return Err(format!("mac '{text}' is a multicast address"));
+    }
+    Ok(mac)
+}
+
+impl NetConfig {
+    fn parse(text: &str) -> Result<Self, String> {
+        let mut net = NetConfig {
+            tap: String::new(),
+            mac: None,
+            id: None,
+        };
+        for (key, value) in parse_options(text)? {
+            match key {
+                "tap" | "ifname" => net.tap = value.to_string(),
+                "mac" => net.mac = Some(parse_mac(value)?),
+                "id" => net.id = Some(check_id(value)?),
+                _ => return Err(format!("unknown option '{key}'")),
+            }
+        }
+        if net.tap.is_empty() || net.tap.len() >= 16 || net.tap.contains('/') {
+            return Err(format!(
+                "tap interface name '{}': expected 1 to 15 characters",
+                net.tap
+            ));
+        }
+        Ok(net)
+    }
+}
+
+impl FromStr for NetConfig {
+    type Err = ConfigError;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        Self::parse(text).map_err(|reason| ConfigError::BadNet {
+            text: text.to_string(),
+            reason,
+        })
+    }
+}
+
 /// A complete VM configuration.
 #[derive(Debug, Clone)]
 pub struct VmConfig {
@@ -137,6 +312,12 @@ pub struct VmConfig {
     pub name: Option<String>,
     /// Wait for an incoming migration instead of booting the kernel.
     pub incoming: Option<Incoming>,
+    /// virtio-blk disks, in order.
+    pub disks: Vec<DiskConfig>,
+    /// virtio-net interfaces, in order.
+    pub nets: Vec<NetConfig>,
+    /// Add a virtio-rng device.
+    pub rng: bool,
 }
 
 /// `--incoming`: where the VM's state comes from.
@@ -176,7 +357,43 @@ impl VmConfig {
             no_reboot: false,
             name: None,
             incoming: None,
+            disks: Vec::new(),
+            nets: Vec::new(),
+            rng: false,
         }
+    }
+
+    /// The QMP names of the disks: their ids, or `diskN` for those without one.
+    pub fn disk_names(&self) -> Vec<String> {
+        self.disks
+            .iter()
+            .enumerate()
+            .map(|(i, d)| d.id.clone().unwrap_or_else(|| format!("disk{i}")))
+            .collect()
+    }
+
+    /// The names of the network devices: their ids, or `netN` for those without one.
+    pub fn net_names(&self) -> Vec<String> {
+        self.nets
+            .iter()
+            .enumerate()
+            .map(|(i, n)| n.id.clone().unwrap_or_else(|| format!("net{i}")))
+            .collect()
+    }
+
+    /// Checks the virtio devices as a whole: unique names, and no more than the machine holds.
+    pub fn check_devices(&self) -> Result<(), ConfigError> {
+        let count = self.disks.len() + self.nets.len() + usize::from(self.rng);
+        if count > crate::arch::layout::VIRTIO_MMIO_MAX_DEVICES {
+            return Err(ConfigError::TooManyDevices(count));
+        }
+        let mut seen = std::collections::BTreeSet::new();
+        for name in self.disk_names().into_iter().chain(self.net_names()) {
+            if !seen.insert(name.clone()) {
+                return Err(ConfigError::DuplicateId(name));
+            }
+        }
+        Ok(())
     }
 }
 
@@ -222,5 +439,96 @@ mod tests {
         );
         assert!("tcp:1".parse::<SerialConfig>().is_err());
         assert!("file:".parse::<SerialConfig>().is_err());
+    }
+
+    #[test]
+    fn disks() {
+        assert_eq!(
+            "path=/tmp/a.img".parse(),
+            Ok(DiskConfig {
+                path: "/tmp/a.img".into(),
+                read_only: false,
+                id: None
+            })
+        );
+        assert_eq!(
+            "path=a.img,readonly=on,id=root".parse(),
+            Ok(DiskConfig {
+                path: "a.img".into(),
+                read_only: true,
+                id: Some("root".into())
+            })
+        );
+        assert!(matches!(
+            "readonly=on".parse::<DiskConfig>(),
+            Err(ConfigError::BadDisk { .. })
+        ));
+        for bad in [
+            "",
+            "a.img",
+            "path=",
+            "path=a,readonly=maybe",
+            "path=a,id=",
+            "path=a,id=1abc",
+            "path=a,id=abcdefghijklmnopqrstu",
+            "path=a,path=b",
+            "path=a,cache=none",
+        ] {
+            let err = bad.parse::<DiskConfig>().unwrap_err();
+            assert!(
+                err.to_string().starts_with("invalid --disk"),
+                "{bad}: {err}"
+            );
+        }
+    }
+
+    #[test]
+    fn nets() {
+        assert_eq!(
+            "tap=tap0,mac=52:54:00:12:34:56,id=n0".parse(),
+            Ok(NetConfig {
+                tap: "tap0".into(),
+                mac: Some([0x52, 0x54, 0, 0x12, 0x34, 0x56]),
+                id: Some("n0".into())
+            })
+        );
+        assert_eq!("tap=t".parse::<NetConfig>().map(|n| n.mac), Ok(None));
+        for bad in [
+            "",
+            "tap=",
+            "tap=averyveryverylongname",
+            "tap=t,mac=01:00:00:00:00:00",
+            "tap=t,mac=52:54:00:12:34",
+            "tap=t,mac=52:54:00:12:34:5g",
+            "tap=t,mac=520:54:00:12:34:5",
+            "mac=52:54:00:12:34:56",
+            "tap=t,vhost=on",
+        ] {
+            let err = bad.parse::<NetConfig>().unwrap_err();
+            assert!(err.to_string().starts_with("invalid --net"), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn device_names_are_unique_and_bounded() {
+        let mut config = VmConfig::new("k".into());
+        config.disks = vec![
+            "path=a".parse().unwrap(),
+            "path=b,id=disk0".parse().unwrap(),
+        ];
+        assert_eq!(
+            config.check_devices(),
+            Err(ConfigError::DuplicateId("disk0".into()))
+        );
+        config.disks[1].id = Some("data".into());
+        config.nets = vec!["tap=t0".parse().unwrap()];
+        config.rng = true;
+        assert_eq!(config.check_devices(), Ok(()));
+        assert_eq!(config.disk_names(), ["disk0", "data"]);
+        assert_eq!(config.net_names(), ["net0"]);
+        config.disks = (0..40)
+            .map(|i| format!("path=a,id=d{i}").parse().unwrap())
+            .collect();
+        assert_eq!(config.check_devices(), Err(ConfigError::TooManyDevices(42)));
     }
 }

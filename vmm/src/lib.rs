@@ -19,6 +19,7 @@ pub mod snapshot;
 pub mod uffd;
 pub mod vcpu;
 pub mod vcpu_state;
+pub mod virtio;
 pub mod vm;
 pub mod vmm;
 

@@ -13,7 +13,7 @@ use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap};
 
 use crate::arch::boot_params::{self, InitrdPlacement};
 use crate::arch::layout::{
-    ram_regions, CMDLINE_MAX_SIZE, CMDLINE_START, HIMEM_START, MMIO_GAP_START,
+    ram_regions, CMDLINE_MAX_SIZE, CMDLINE_START, HIMEM_START, MMIO_GAP_START, VIRTIO_MMIO_SIZE,
 };
 use crate::arch::regs::{self, BootProtocol};
 use crate::arch::{acpi, mptable};
@@ -95,6 +95,8 @@ pub struct GuestImage {
     pub mem_size: u64,
     /// Number of vCPUs (for the MP table).
     pub num_cpus: u8,
+    /// The virtio-mmio devices, described in the DSDT and on the command line.
+    pub virtio: Vec<acpi::VirtioMmioWindow>,
 }
 
 /// Where and how the boot vCPU enters the kernel.
@@ -200,10 +202,27 @@ fn load_initrd(
     Ok(InitrdPlacement { addr, size })
 }
 
-/// Builds the kernel command line, checking its length.
-fn build_cmdline(text: &str) -> Result<Cmdline, LoaderError> {
+/// The `virtio_mmio.device=SIZE@BASE:IRQ` parameter that tells a kernel without ACPI about a
+/// virtio-mmio device (`CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES`).
+pub fn virtio_mmio_param(window: &acpi::VirtioMmioWindow) -> String {
+    format!(
+        "virtio_mmio.device={}K@{:#x}:{}",
+        VIRTIO_MMIO_SIZE >> 10,
+        window.base,
+        window.gsi
+    )
+}
+
+/// Builds the kernel command line: one `virtio_mmio.device=` per virtio device, then the
+/// user's (which may end with `-- ARGS` for init), checking its length.
+fn build_cmdline(text: &str, virtio: &[acpi::VirtioMmioWindow]) -> Result<Cmdline, LoaderError> {
     let mut cmdline =
         Cmdline::new(CMDLINE_MAX_SIZE).map_err(|e| LoaderError::Cmdline(e.to_string()))?;
+    for window in virtio {
+        cmdline
+            .insert_str(virtio_mmio_param(window))
+            .map_err(|e| LoaderError::Cmdline(e.to_string()))?;
+    }
     if !text.is_empty() {
         cmdline
             .insert_str(text)
@@ -226,14 +245,18 @@ pub fn load_guest(mem: &GuestMemoryMmap, image: &GuestImage) -> Result<BootEntry
         )?),
         None => None,
     };
-    let cmdline = build_cmdline(&image.cmdline)?;
+    let cmdline = build_cmdline(&image.cmdline, &image.virtio)?;
     load_cmdline(mem, CMDLINE_START, &cmdline).map_err(|e| LoaderError::Cmdline(e.to_string()))?;
-    let cmdline_size = image.cmdline.len() + 1;
+    let cmdline_size = cmdline
+        .as_cstring()
+        .map_err(|e| LoaderError::Cmdline(e.to_string()))?
+        .as_bytes_with_nul()
+        .len();
 
     regs::write_descriptor_tables(mem, kernel.entry.protocol)?;
     regs::write_page_tables(mem)?;
     mptable::setup_mptable(mem, image.num_cpus)?;
-    let rsdp = acpi::create_acpi_tables(mem, image.num_cpus)?;
+    let rsdp = acpi::create_acpi_tables(mem, image.num_cpus, &image.virtio)?;
     match kernel.entry.protocol {
         BootProtocol::Linux64 => boot_params::write_zero_page(
             mem,
@@ -248,4 +271,35 @@ pub fn load_guest(mem: &GuestMemoryMmap, image: &GuestImage) -> Result<BootEntry
         }
     }
     Ok(kernel.entry)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cmdline_lists_virtio_devices_first() {
+        let virtio = [
+            acpi::VirtioMmioWindow {
+                base: 0xc000_1000,
+                gsi: 5,
+            },
+            acpi::VirtioMmioWindow {
+                base: 0xc000_2000,
+                gsi: 6,
+            },
+        ];
+        let cmdline = build_cmdline("console=ttyS0 -- init", &virtio).unwrap();
+        assert_eq!(
+            cmdline.as_cstring().unwrap().to_str().unwrap(),
+            "virtio_mmio.device=4K@0xc0001000:5 virtio_mmio.device=4K@0xc0002000:6 \
+             console=ttyS0 -- init"
+        );
+        let plain = build_cmdline("console=ttyS0", &[]).unwrap();
+        assert_eq!(
+            plain.as_cstring().unwrap().to_str().unwrap(),
+            "console=ttyS0"
+        );
+        assert!(build_cmdline(&"x".repeat(CMDLINE_MAX_SIZE), &virtio).is_err());
+    }
 }

@@ -27,7 +27,11 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::runstate::RunState;
 use crate::vcpu::VcpuSlot;
+use crate::virtio::{
+    self, DiskInfo, VirtioDeviceState, VirtioSetupError, VirtioSlot, VirtioSpec, VirtioStateError,
+};
 use crate::vm::VmAction;
+use devices::virtio::GuestMemory;
 
 /// Errors while building the device model.
 #[derive(Debug, thiserror::Error)]
@@ -44,10 +48,16 @@ pub enum MachineError {
     /// A saved device state was refused.
     #[error(transparent)]
     DeviceState(#[from] DeviceStateError),
+    /// A virtio device could not be set up.
+    #[error(transparent)]
+    Virtio(#[from] VirtioSetupError),
+    /// A saved virtio device state was refused.
+    #[error(transparent)]
+    VirtioState(#[from] VirtioStateError),
 }
 
 /// The state of every stateful device, for a snapshot or a migration.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct DevicesState {
     /// COM1.
     pub serial: SerialDeviceState,
@@ -61,6 +71,9 @@ pub struct DevicesState {
     pub ged: GedState,
     /// The ACPI sleep and reset registers.
     pub acpi_pm: AcpiPmState,
+    /// The virtio devices, in slot order (absent from streams of machines without any).
+    #[serde(default)]
+    pub virtio: Vec<VirtioDeviceState>,
 }
 
 impl DevicesState {
@@ -102,6 +115,11 @@ pub struct Machine {
     pub actions: Vec<VmAction>,
     /// Set by a vCPU that hit a KVM internal error, until the event loop handles it.
     pub internal_error: bool,
+    /// The virtio devices, in slot order.
+    pub virtio: Vec<VirtioSlot>,
+    /// Written when the virtio devices' state changed behind the event loop's back (restore,
+    /// reset), so it re-checks which taps to poll.
+    pub virtio_rearm: EventFd,
 }
 
 impl Machine {
@@ -169,6 +187,7 @@ impl Machine {
         let vcpus = (0..num_vcpus)
             .map(|_| VcpuSlot::new(start_paused))
             .collect();
+        let virtio_rearm = EventFd::new(libc::EFD_NONBLOCK).map_err(MachineError::EventFd)?;
         Ok((
             Machine {
                 pio,
@@ -184,9 +203,72 @@ impl Machine {
                 exit_code: None,
                 actions: Vec::new(),
                 internal_error: false,
+                virtio: Vec::new(),
+                virtio_rearm,
             },
             vec![(serial_irq, COM1_GSI), (ged_irq, ACPI_GED_GSI)],
         ))
+    }
+
+    /// Places the virtio devices on the MMIO bus, in slot order, with `mem` as the guest
+    /// memory they access. Returns their interrupt lines (eventfd, GSI) to register as irqfds;
+    /// their queue ioeventfds are in [`Machine::virtio`].
+    pub fn add_virtio(
+        &mut self,
+        mem: &GuestMemory,
+        specs: Vec<VirtioSpec>,
+    ) -> Result<Vec<(EventFd, u32)>, MachineError> {
+        let mut lines = Vec::with_capacity(specs.len());
+        for spec in specs {
+            let index = self.virtio.len();
+            let (slot, irq) = virtio::place(&mut self.mmio, index, spec, mem)?;
+            log::info!(
+                "virtio {} ({}) at {:#x}, GSI {}",
+                slot.name,
+                slot.handle.kind(),
+                slot.base,
+                slot.gsi
+            );
+            lines.push((irq, slot.gsi));
+            self.virtio.push(slot);
+        }
+        Ok(lines)
+    }
+
+    /// Handles a notification of queue `queue` of virtio device `index`.
+    pub fn virtio_notify(&mut self, index: usize, queue: u32) {
+        let Some(handle) = self.virtio.get(index).map(|s| s.handle) else {
+            return;
+        };
+        if let Some(t) = virtio::ops_mut(&mut self.mmio, handle) {
+            t.notify(queue);
+        }
+    }
+
+    /// Lets virtio device `index` take its back end's input.
+    pub fn virtio_backend_ready(&mut self, index: usize) {
+        let Some(handle) = self.virtio.get(index).map(|s| s.handle) else {
+            return;
+        };
+        if let Some(t) = virtio::ops_mut(&mut self.mmio, handle) {
+            t.backend_ready();
+        }
+    }
+
+    /// The disks, for `query-block` and `query-blockstats`.
+    pub fn disks(&self) -> Vec<DiskInfo> {
+        self.virtio
+            .iter()
+            .filter_map(|slot| virtio::disk_info(&self.mmio, slot))
+            .collect()
+    }
+
+    fn rearm_virtio(&self) {
+        if !self.virtio.is_empty() {
+            if let Err(e) = self.virtio_rearm.write(1) {
+                log::warn!("cannot signal the virtio event handler: {e}");
+            }
+        }
     }
 
     /// COM1, for back-ends feeding input or attaching outputs.
@@ -218,13 +300,28 @@ impl Machine {
         if let Some(acpi_pm) = self.pio.get_mut(self.acpi_pm) {
             acpi_pm.reset();
         }
+        for handle in self.virtio.iter().map(|s| s.handle).collect::<Vec<_>>() {
+            if let Some(t) = virtio::ops_mut(&mut self.mmio, handle) {
+                t.reset_device();
+            }
+        }
+        self.rearm_virtio();
     }
 }
 
 impl Machine {
-    /// Saves the state of every stateful device (with the vCPUs paused).
+    /// Saves the state of every stateful device (with the vCPUs paused). Call
+    /// [`virtio::complete_pending`] first so no queue notification is left unprocessed.
     pub fn save_devices(&self) -> Result<DevicesState, MachineError> {
+        let virtio = self
+            .virtio
+            .iter()
+            .map(|slot| {
+                virtio::save_slot(&self.mmio, slot).ok_or(MachineError::MissingDevice("virtio"))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
         Ok(DevicesState {
+            virtio,
             serial: device(&self.pio, self.serial, "serial")?.state(),
             i8042: device(&self.pio, self.i8042, "i8042")?.state(),
             cmos: device(&self.pio, self.cmos, "CMOS")?.state(),
@@ -238,6 +335,7 @@ impl Machine {
     /// no device has changed.
     pub fn restore_devices(&mut self, state: &DevicesState) -> Result<(), MachineError> {
         state.validate()?;
+        virtio::check_matches(&self.virtio, &state.virtio)?;
         let missing = MachineError::MissingDevice;
         let (serial, i8042, cmos, port80) = (self.serial, self.i8042, self.cmos, self.port80);
         let (ged, acpi_pm) = (self.ged, self.acpi_pm);
@@ -265,6 +363,10 @@ impl Machine {
             .get_mut(acpi_pm)
             .ok_or(missing("ACPI PM"))?
             .restore(&state.acpi_pm)?;
+        for (slot, saved) in self.virtio.iter().zip(&state.virtio) {
+            virtio::restore_slot(&mut self.mmio, slot, saved)?;
+        }
+        self.rearm_virtio();
         Ok(())
     }
 }

@@ -47,6 +47,15 @@ struct Cli {
     /// file:PATH, or `defer` to wait for QMP migrate-incoming.
     #[arg(long, value_name = "URI")]
     incoming: Option<config::Incoming>,
+    /// A virtio-blk disk: path=FILE[,readonly=on][,id=NAME] (a raw image). Repeatable.
+    #[arg(long, value_name = "OPTIONS")]
+    disk: Vec<config::DiskConfig>,
+    /// A virtio-net interface on a tap: tap=IFNAME[,mac=MAC][,id=NAME]. Repeatable.
+    #[arg(long, value_name = "OPTIONS")]
+    net: Vec<config::NetConfig>,
+    /// A virtio-rng device fed from the host's getrandom.
+    #[arg(long)]
+    rng: bool,
 }
 
 /// Writes log records to stderr, one line each: `skiff: LEVEL: message`. The level comes from
@@ -117,6 +126,9 @@ fn main() -> ExitCode {
         no_reboot: cli.no_reboot,
         name: cli.name,
         incoming: cli.incoming,
+        disks: cli.disk,
+        nets: cli.net,
+        rng: cli.rng,
     };
     let result = Vmm::new(config).and_then(Vmm::run);
     match result {

@@ -24,6 +24,7 @@ use crate::machine::MachineGuard;
 use crate::migration::uri::MigrationUri;
 use crate::migration::{self, MigrationState, Role};
 use crate::runstate::RunState;
+use crate::virtio::DiskInfo;
 use crate::vm::{Vm, VmAction};
 
 /// The QEMU version Skiff's monitor reports (greeting and `query-version`): the QMP dialect
@@ -129,6 +130,111 @@ impl<'a> InBandHandler<'a> {
     }
 }
 
+/// A counter as QMP's `int`.
+fn qmp_int(value: u64) -> i64 {
+    i64::try_from(value).unwrap_or(i64::MAX)
+}
+
+/// The guest device path QMP reports for a disk.
+fn disk_qdev(disk: &DiskInfo) -> String {
+    format!("/machine/peripheral/{}/virtio-backend", disk.name)
+}
+
+/// A disk as `query-block` reports it (QEMU's shape for a raw image on virtio-blk).
+fn block_info(disk: &DiskInfo) -> api::BlockInfo {
+    let size = qmp_int(disk.size);
+    api::BlockInfo {
+        device: disk.name.clone(),
+        qdev: Some(disk_qdev(disk)),
+        r#type: "unknown".to_string(),
+        removable: false,
+        locked: false,
+        inserted: Some(api::BlockDeviceInfo {
+            file: disk.path.clone(),
+            node_name: None,
+            ro: disk.read_only,
+            drv: "raw".to_string(),
+            backing_file_depth: 0,
+            encrypted: false,
+            detect_zeroes: api::BlockdevDetectZeroesOptions::Off,
+            bps: 0,
+            bps_rd: 0,
+            bps_wr: 0,
+            iops: 0,
+            iops_rd: 0,
+            iops_wr: 0,
+            image: api::ImageInfo {
+                filename: disk.path.clone(),
+                format: "raw".to_string(),
+                virtual_size: size,
+                actual_size: None,
+                dirty_flag: Some(false),
+            },
+            cache: api::BlockdevCacheInfo {
+                writeback: true,
+                direct: false,
+                no_flush: false,
+            },
+            write_threshold: 0,
+        }),
+    }
+}
+
+/// A disk's counters as `query-blockstats` reports them.
+fn block_stats(disk: &DiskInfo) -> api::BlockStats {
+    let s = &disk.stats;
+    api::BlockStats {
+        device: Some(disk.name.clone()),
+        qdev: Some(disk_qdev(disk)),
+        node_name: None,
+        stats: api::BlockDeviceStats {
+            rd_bytes: qmp_int(s.rd_bytes),
+            wr_bytes: qmp_int(s.wr_bytes),
+            unmap_bytes: qmp_int(s.unmap_bytes),
+            rd_operations: qmp_int(s.rd_operations),
+            wr_operations: qmp_int(s.wr_operations),
+            flush_operations: qmp_int(s.flush_operations),
+            unmap_operations: qmp_int(s.unmap_operations),
+            rd_total_time_ns: qmp_int(s.rd_total_time_ns),
+            wr_total_time_ns: qmp_int(s.wr_total_time_ns),
+            flush_total_time_ns: qmp_int(s.flush_total_time_ns),
+            unmap_total_time_ns: 0,
+            wr_highest_offset: 0,
+            rd_merged: 0,
+            wr_merged: 0,
+            unmap_merged: 0,
+            failed_rd_operations: qmp_int(s.failed_rd_operations),
+            failed_wr_operations: qmp_int(s.failed_wr_operations),
+            failed_flush_operations: qmp_int(s.failed_flush_operations),
+            failed_unmap_operations: qmp_int(s.failed_unmap_operations),
+            invalid_rd_operations: qmp_int(s.invalid_operations),
+            invalid_wr_operations: 0,
+            invalid_flush_operations: 0,
+            invalid_unmap_operations: 0,
+            account_invalid: true,
+            account_failed: true,
+            timed_stats: Vec::new(),
+        },
+    }
+}
+
+/// HMP `info block`, as QEMU prints a raw image on a non-removable device.
+fn info_block(disks: &[DiskInfo]) -> String {
+    disks
+        .iter()
+        .map(|d| {
+            let ro = if d.read_only { ", read-only" } else { "" };
+            format!(
+                "{}: {} (raw{ro})\n    Attached to:      {}\n    Cache mode:       writeback\n",
+                d.name,
+                d.path,
+                disk_qdev(d)
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
 /// HMP prints lines ending in `\n`; the monitor turns them into `\r\n`.
 fn hmp_lines(text: &str) -> String {
     text.replace('\n', "\r\n")
@@ -137,6 +243,17 @@ fn hmp_lines(text: &str) -> String {
 impl InBandCommands for InBandHandler<'_> {
     fn oob(&self) -> &dyn OobCommands {
         self.oob
+    }
+
+    fn query_block(&mut self) -> Result<Vec<api::BlockInfo>, QmpError> {
+        Ok(self.machine.disks().iter().map(block_info).collect())
+    }
+
+    fn query_blockstats(
+        &mut self,
+        _query_nodes: Option<bool>,
+    ) -> Result<Vec<api::BlockStats>, QmpError> {
+        Ok(self.machine.disks().iter().map(block_stats).collect())
     }
 
     fn query_status(&mut self) -> Result<StatusInfo, QmpError> {
@@ -290,12 +407,15 @@ impl InBandCommands for InBandHandler<'_> {
             ["info", "registers"] => self.info_registers(cpu_index)?,
             ["info", "cpus"] => self.info_cpus(),
             ["info", "kvm"] => "kvm support: enabled\n".to_string(),
+            ["info", "block"] => info_block(&self.machine.disks()),
             ["info", "name"] => self.vm.name().map(|n| format!("{n}\n")).unwrap_or_default(),
             ["info", "version"] => {
                 let (major, minor, micro) = QEMU_VERSION;
                 format!("{major}.{minor}.{micro} ({PACKAGE})\n")
             }
-            ["info"] | ["info", _] => "info status|registers|cpus|kvm|name|version\n".to_string(),
+            ["info"] | ["info", _] => {
+                "info status|registers|cpus|kvm|name|version|block\n".to_string()
+            }
             [command, ..] => format!("unknown command: '{command}'\n"),
         };
         Ok(hmp_lines(&text))

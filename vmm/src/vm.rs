@@ -424,6 +424,11 @@ impl Vm {
         // A vCPU that ran in between would make the states inconsistent.
         Self::check_paused(machine)?;
         let vm = self.kvm.save_state()?;
+        // Queue notifications still in their ioeventfds are processed now, so the saved
+        // queues hold no request the destination would never hear about.
+        if crate::virtio::complete_pending(machine) {
+            self.migration.note_ram_rewritten();
+        }
         let devices = machine.save_devices()?;
         Ok(MachineState { vcpus, vm, devices })
     }

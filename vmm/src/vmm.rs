@@ -29,7 +29,10 @@ use crate::monitor::{OobContext, QmpDispatcher, PACKAGE, QEMU_VERSION};
 use crate::runstate::RunState;
 use crate::serial_backend::{self, SerialBackend};
 use crate::vcpu::{self, Vcpu, VcpuError};
+use crate::virtio::{self, VirtioEvents, VirtioSetupError};
 use crate::vm::{Vm, VmAction, VmOpError};
+use devices::virtio::mmio::QUEUE_NOTIFY_OFFSET;
+use kvm_ioctls::IoEventAddress;
 
 /// Errors that stop a VM from being built or run.
 #[derive(Debug, thiserror::Error)]
@@ -86,6 +89,22 @@ pub enum Error {
     /// The incoming migration could not start.
     #[error("--incoming: {0}")]
     Migration(String),
+    /// The configuration is inconsistent.
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    /// A virtio device could not be opened.
+    #[error(transparent)]
+    Virtio(#[from] VirtioSetupError),
+    /// Wiring a queue notification.
+    #[error("cannot register the ioeventfd of virtio {name} queue {queue}: {source}")]
+    Ioeventfd {
+        /// The device.
+        name: String,
+        /// The queue.
+        queue: usize,
+        /// The KVM error.
+        source: kvm_ioctls::Error,
+    },
 }
 
 /// The eventfd the termination signal handler writes to (-1 while there is none).
@@ -170,12 +189,15 @@ impl Vmm {
             _ => None,
         };
         migration.set_autostart(!config.start_paused);
+        config.check_devices()?;
+        let virtio_specs = virtio::open_devices(&config)?;
         let image = GuestImage {
             kernel: config.kernel.clone(),
             initrd: config.initrd.clone(),
             cmdline: config.cmdline.clone(),
             mem_size: config.memory_bytes,
             num_cpus: config.cpus,
+            virtio: virtio::windows(virtio_specs.len()),
         };
         let mem = memory::create_guest_memory(config.memory_bytes)?;
         let kvm = KvmVm::new(&mem)?;
@@ -188,7 +210,7 @@ impl Vmm {
         let power = Arc::new(PowerControl::new()?);
         let below_4g = config.memory_bytes.min(MMIO_GAP_START);
         let above_4g = config.memory_bytes - below_4g;
-        let (machine, irq_lines) = Machine::new(
+        let (mut machine, mut irq_lines) = Machine::new(
             &power,
             serial_output(&config.serial)?,
             below_4g,
@@ -196,6 +218,8 @@ impl Vmm {
             usize::from(config.cpus),
             config.start_paused || config.incoming.is_some(),
         )?;
+        irq_lines.extend(machine.add_virtio(&mem, virtio_specs)?);
+        register_ioeventfds(&kvm, &machine)?;
         for (irq, gsi) in &irq_lines {
             kvm.fd()
                 .register_irqfd(irq, *gsi)
@@ -277,6 +301,9 @@ impl Vmm {
             exit_on_internal_error: qmp.is_none(),
             no_reboot,
         })));
+        if let Some(handler) = VirtioEvents::new(vm.clone())? {
+            event_manager.add_subscriber(Arc::new(Mutex::new(handler)));
+        }
         if let Some(backend) = serial_backend_for(&vm, &serial)? {
             event_manager.add_subscriber(Arc::new(Mutex::new(backend)));
         }
@@ -311,6 +338,24 @@ impl Vmm {
         }
         result
     }
+}
+
+/// Registers each virtio queue's ioeventfd on its device's `QueueNotify` register, with the
+/// queue index as datamatch.
+fn register_ioeventfds(kvm: &KvmVm, machine: &Machine) -> Result<(), Error> {
+    for slot in &machine.virtio {
+        let addr = IoEventAddress::Mmio(slot.base + QUEUE_NOTIFY_OFFSET);
+        for (queue, fd) in slot.notify.iter().enumerate() {
+            kvm.fd()
+                .register_ioevent(fd, &addr, queue as u32)
+                .map_err(|source| Error::Ioeventfd {
+                    name: slot.name.clone(),
+                    queue,
+                    source,
+                })?;
+        }
+    }
+    Ok(())
 }
 
 fn serial_backend_for(vm: &Arc<Vm>, serial: &SerialConfig) -> Result<Option<SerialBackend>, Error> {

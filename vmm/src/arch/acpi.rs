@@ -369,9 +369,42 @@ fn ged_registers_aml() -> Vec<u8> {
     ))
 }
 
+/// A virtio-mmio window and its interrupt line, as the DSDT and the command line describe it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct VirtioMmioWindow {
+    /// Base of the register window (below 4 GiB).
+    pub base: u32,
+    /// Its GSI.
+    pub gsi: u32,
+}
+
+/// One virtio-mmio device (`LNRO0005`, as Firecracker and Cloud Hypervisor describe them):
+/// its register window and edge-triggered, active-high interrupt.
+fn virtio_mmio_aml(index: usize, window: VirtioMmioWindow) -> Vec<u8> {
+    let uid = u32::try_from(index).unwrap_or(u32::MAX);
+    to_bytes(&aml::Device::new(
+        format!("VR{:02X}", index & 0xff).as_str().into(),
+        vec![
+            &aml::Name::new("_HID".into(), &"LNRO0005"),
+            &aml::Name::new("_UID".into(), &uid),
+            &aml::Name::new("_CCA".into(), &aml::ONE),
+            &aml::Name::new(
+                "_CRS".into(),
+                &aml::ResourceTemplate::new(vec![
+                    &aml::Memory32Fixed::new(true, window.base, VIRTIO_WINDOW_SIZE),
+                    &aml::Interrupt::new(true, true, false, false, window.gsi),
+                ]),
+            ),
+        ],
+    ))
+}
+
+/// A virtio-mmio register window as Memory32Fixed length.
+const VIRTIO_WINDOW_SIZE: u32 = crate::arch::layout::VIRTIO_MMIO_SIZE as u32;
+
 /// The DSDT's AML definition block (without the table header): `\_S5_` and `\_SB_`.
-fn dsdt_aml() -> Vec<u8> {
-    let devices = [
+fn dsdt_aml(virtio: &[VirtioMmioWindow]) -> Vec<u8> {
+    let mut devices = [
         com1_aml(),
         ps2_keyboard_aml(),
         rtc_aml(),
@@ -380,13 +413,16 @@ fn dsdt_aml() -> Vec<u8> {
         ged_registers_aml(),
     ]
     .concat();
+    for (index, window) in virtio.iter().enumerate() {
+        devices.extend(virtio_mmio_aml(index, *window));
+    }
     let mut bytes = s5_aml();
     bytes.extend(aml::Scope::raw("\\_SB_".into(), devices));
     bytes
 }
 
 /// The complete DSDT.
-fn dsdt() -> Vec<u8> {
+fn dsdt(virtio: &[VirtioMmioWindow]) -> Vec<u8> {
     let mut dsdt = Sdt::new(
         *b"DSDT",
         SDT_HEADER_LEN as u32,
@@ -395,7 +431,7 @@ fn dsdt() -> Vec<u8> {
         OEM_TABLE_ID,
         OEM_REVISION,
     );
-    dsdt.append_slice(&dsdt_aml());
+    dsdt.append_slice(&dsdt_aml(virtio));
     dsdt.as_slice().to_vec()
 }
 
@@ -498,9 +534,14 @@ impl TableWriter<'_> {
 // The RSDP must fit below the other tables.
 const _: () = assert!(ACPI_RSDP_START.0 + RSDP_LEN <= ACPI_TABLES_START.0);
 
-/// Writes the ACPI tables for `num_cpus` vCPUs into guest memory and returns the address of
-/// the RSDP (for the zero page's `acpi_rsdp_addr` or the PVH start info's `rsdp_paddr`).
-pub fn create_acpi_tables(mem: &GuestMemoryMmap, num_cpus: u8) -> Result<GuestAddress, AcpiError> {
+/// Writes the ACPI tables for `num_cpus` vCPUs and the `virtio` devices into guest memory and
+/// returns the address of the RSDP (for the zero page's `acpi_rsdp_addr` or the PVH start
+/// info's `rsdp_paddr`).
+pub fn create_acpi_tables(
+    mem: &GuestMemoryMmap,
+    num_cpus: u8,
+    virtio: &[VirtioMmioWindow],
+) -> Result<GuestAddress, AcpiError> {
     if num_cpus == 0 || num_cpus > MAX_CPUS {
         return Err(AcpiError::InvalidCpuCount(num_cpus));
     }
@@ -508,7 +549,7 @@ pub fn create_acpi_tables(mem: &GuestMemoryMmap, num_cpus: u8) -> Result<GuestAd
         mem,
         next: ACPI_TABLES_START.0,
     };
-    let dsdt_addr = writer.write("DSDT", &dsdt())?;
+    let dsdt_addr = writer.write("DSDT", &dsdt(virtio))?;
     let fadt_addr = writer.write("FACP", &fadt(dsdt_addr))?;
     let madt_addr = writer.write("APIC", &madt(num_cpus))?;
     let xsdt_addr = writer.write("XSDT", &xsdt(&[fadt_addr, madt_addr]))?;
@@ -585,7 +626,7 @@ mod tests {
     /// Creates the tables and finds them again the way a guest does, from the RSDP.
     fn tables(num_cpus: u8) -> Tables {
         let mem = guest_memory();
-        let rsdp_addr = create_acpi_tables(&mem, num_cpus).unwrap();
+        let rsdp_addr = create_acpi_tables(&mem, num_cpus, &[]).unwrap();
         assert_eq!(rsdp_addr, ACPI_RSDP_START);
         let mut rsdp = vec![0u8; RSDP_LEN as usize];
         mem.read_slice(&mut rsdp, rsdp_addr).unwrap();
@@ -722,7 +763,7 @@ mod tests {
         let d = tables(1).dsdt;
         check_header(&d, b"DSDT", 6);
         let body = &d[SDT_HEADER_LEN..];
-        assert_eq!(body, dsdt_aml().as_slice());
+        assert_eq!(body, dsdt_aml(&[]).as_slice());
         // Name (_S5_, Package (4) { 5, 5, 0, 0 }) at the root, first.
         assert_eq!(
             body[..13],
@@ -772,11 +813,33 @@ mod tests {
     }
 
     #[test]
+    fn dsdt_describes_each_virtio_mmio_device() {
+        let window = VirtioMmioWindow {
+            base: 0xc000_3000,
+            gsi: 7,
+        };
+        let body = dsdt_aml(&[window, window]);
+        assert!(contains(&body, b"VR00"));
+        assert!(contains(&body, b"VR01"));
+        assert!(contains(&body, b"\x08_HID\x0dLNRO0005\0"));
+        // Memory32Fixed (ReadWrite, 0xc0003000, 0x1000), then Interrupt {7}.
+        let mem = [
+            0x86, 0x09, 0x00, 0x01, 0x00, 0x30, 0x00, 0xc0, 0x00, 0x10, 0x00, 0x00,
+        ];
+        let irq = [0x89, 0x06, 0x00, 0x03, 0x01, 7, 0, 0, 0];
+        assert!(contains(&body, &[&mem[..], &irq[..]].concat()));
+        assert_eq!(
+            dsdt_aml(&[]).len() + 2 * virtio_mmio_aml(0, window).len(),
+            body.len()
+        );
+    }
+
+    #[test]
     fn invalid_cpu_counts_are_rejected() {
         let mem = guest_memory();
         for n in [0, MAX_CPUS + 1, u8::MAX] {
             assert!(matches!(
-                create_acpi_tables(&mem, n),
+                create_acpi_tables(&mem, n, &[]),
                 Err(AcpiError::InvalidCpuCount(m)) if m == n
             ));
         }
@@ -787,7 +850,7 @@ mod tests {
         // Guest memory that ends before the tables area.
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x80000)]).unwrap();
         assert!(matches!(
-            create_acpi_tables(&mem, 1),
+            create_acpi_tables(&mem, 1, &[]),
             Err(AcpiError::Write { table: "DSDT", .. })
         ));
     }
@@ -830,7 +893,17 @@ mod tests {
     #[test]
     fn iasl_disassembles_and_recompiles_the_dsdt() {
         let dir = TempDir::new().unwrap();
-        let Some(dsl) = iasl_disassemble(dir.as_path(), "dsdt", &dsdt()) else {
+        let virtio = [
+            VirtioMmioWindow {
+                base: 0xc000_1000,
+                gsi: 5,
+            },
+            VirtioMmioWindow {
+                base: 0xc000_2000,
+                gsi: 16,
+            },
+        ];
+        let Some(dsl) = iasl_disassemble(dir.as_path(), "dsdt", &dsdt(&virtio)) else {
             return;
         };
         for expected in [
@@ -845,6 +918,11 @@ mod tests {
             "Notify (\\_SB.PWRB, 0x80)",
             "OperationRegion (GDST, SystemMemory, 0xC0000000, One)",
             "Device (GEDR)",
+            "Device (VR00)",
+            "Device (VR01)",
+            "Name (_HID, \"LNRO0005\")",
+            "0xC0002000,",
+            "0x00000010,",
         ] {
             assert!(dsl.contains(expected), "{expected:?} not in:\n{dsl}");
         }

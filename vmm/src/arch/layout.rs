@@ -89,6 +89,25 @@ pub const ACPI_GED_SIZE: u64 = 0x1000;
 pub const VIRTIO_MMIO_START: u64 = ACPI_GED_START + ACPI_GED_SIZE;
 /// Size of one virtio-mmio register window.
 pub const VIRTIO_MMIO_SIZE: u64 = 0x1000;
+/// The interrupt lines (GSIs, IOAPIC pins) of the virtio-mmio devices, in device order.
+///
+/// Edge-triggered, active high, like every ISA line the MP table and MADT describe. They
+/// avoid the lines of the timer (0), keyboard (1), cascade (2), COM1 (4), the RTC (8) and the
+/// ACPI GED (9); the IOAPIC's pins above 15 follow.
+pub const VIRTIO_GSIS: [u32; 17] = [
+    5, 6, 7, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23,
+];
+/// Most virtio-mmio devices a machine holds (one GSI each).
+pub const VIRTIO_MMIO_MAX_DEVICES: usize = VIRTIO_GSIS.len();
+/// End of the virtio-mmio windows (exclusive).
+pub const VIRTIO_MMIO_END: u64 =
+    VIRTIO_MMIO_START + VIRTIO_MMIO_MAX_DEVICES as u64 * VIRTIO_MMIO_SIZE;
+
+/// Where the virtio-mmio device number `index` lives: its window base and GSI.
+pub fn virtio_mmio_slot(index: usize) -> Option<(u64, u32)> {
+    let gsi = *VIRTIO_GSIS.get(index)?;
+    Some((VIRTIO_MMIO_START + index as u64 * VIRTIO_MMIO_SIZE, gsi))
+}
 
 /// KVM's three-page TSS region required on Intel hosts (inside the gap, below the IOAPIC).
 pub const KVM_TSS_ADDRESS: u64 = 0xfffb_d000;
@@ -126,6 +145,7 @@ const _: () = {
     assert!(BIOS_ROM_START <= HIMEM_START.0);
     assert!(ACPI_TABLES_START.0 < ACPI_TABLES_END);
     assert!(IOAPIC_START >= MMIO_DEVICES_START);
+    assert!(VIRTIO_MMIO_END <= KVM_IDENTITY_MAP_ADDRESS && VIRTIO_MMIO_END <= IOAPIC_START);
     // KVM's private pages sit in the gap above the APICs and below 4 GiB.
     assert!(KVM_IDENTITY_MAP_ADDRESS >= APIC_START + 0x1000);
     assert!(KVM_TSS_ADDRESS + 3 * 0x1000 <= MMIO_GAP_END);
@@ -139,6 +159,16 @@ mod tests {
     fn small_guest_is_one_region() {
         assert_eq!(ram_regions(256 * MIB), vec![(GuestAddress(0), 256 * MIB)]);
         assert_eq!(ram_regions(3 * GIB), vec![(GuestAddress(0), 3 * GIB)]);
+    }
+
+    #[test]
+    fn virtio_slots_follow_the_ged_with_free_gsis() {
+        assert_eq!(virtio_mmio_slot(0), Some((0xc000_1000, 5)));
+        assert_eq!(virtio_mmio_slot(3), Some((0xc000_4000, 10)));
+        assert_eq!(virtio_mmio_slot(VIRTIO_MMIO_MAX_DEVICES), None);
+        for gsi in VIRTIO_GSIS {
+            assert!(![0, 1, 2, 4, 8, 9].contains(&gsi) && gsi < 24, "{gsi}");
+        }
     }
 
     #[test]

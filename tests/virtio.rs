@@ -1,0 +1,784 @@
+//! Integration tests of the virtio devices on the real `skiff` binary and `/dev/kvm`.
+//!
+//! The tiny guest drives the virtio-mmio registers itself: it checks each device's identity
+//! registers, brings up one virtqueue on the RNG and on the disk, kicks them (the write to
+//! `QueueNotify` lands in an ioeventfd, served by the event loop) and waits with `sti; hlt`
+//! for the devices' interrupts (irqfds through the IOAPIC), then checks the used rings and
+//! prints what it read. It also prints the kernel command line the VMM wrote, with its
+//! `virtio_mmio.device=` entries.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use iced_x86::code_asm::*;
+
+use common::elf::LOAD_ADDR;
+use common::guest::{self, Asm, AsmResult, Image, DATA_AREA};
+use common::process::{run, run_guest, TestTimer};
+use common::qmp_client::QmpClient;
+use common::TempDir;
+use serde_json::json;
+
+/// Hard timeout of a tiny guest run.
+const GUEST_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// First virtio-mmio window (the disk) and its GSI.
+const DISK_BASE: u64 = 0xc000_1000;
+const DISK_GSI: u8 = 5;
+/// Second window (the RNG) and its GSI.
+const RNG_BASE: u64 = 0xc000_2000;
+const RNG_GSI: u8 = 6;
+/// Interrupt vectors the guest routes the two GSIs to.
+const DISK_VECTOR: u8 = 0x41;
+const RNG_VECTOR: u8 = 0x40;
+
+/// Where the kernel command line is (the VMM's layout).
+const CMDLINE: u64 = 0x20000;
+/// Interrupt handlers, IDT and its pseudo-descriptor in the image.
+const HANDLERS: u64 = LOAD_ADDR + 0x2000;
+const IDT: u64 = LOAD_ADDR + 0x3000;
+const IDTR: u64 = IDT + 256 * 16;
+/// Per-device counters: interrupts taken, and the last InterruptStatus read.
+const RNG_IRQS: u64 = DATA_AREA;
+const RNG_ISR: u64 = DATA_AREA + 0x8;
+const DISK_IRQS: u64 = DATA_AREA + 0x10;
+const DISK_ISR: u64 = DATA_AREA + 0x18;
+/// Virtqueues: descriptor table, available ring, used ring (a page each), then buffers.
+const RNG_QUEUE: u64 = 0x40_0000;
+const DISK_QUEUE: u64 = 0x41_0000;
+/// The RNG's 16-byte buffer.
+const RNG_BUF: u64 = 0x42_0000;
+/// The disk request: header (16 bytes), data (512 bytes), status (1 byte).
+const DISK_HDR: u64 = 0x43_0000;
+const DISK_DATA: u64 = 0x43_1000;
+const DISK_STATUS: u64 = 0x43_2000;
+/// Bytes the guest prints from the disk's first sector.
+const DISK_TEXT_LEN: usize = 16;
+/// Exit status of an unexpected interrupt or exception.
+const UNEXPECTED_EXIT: u8 = 77;
+
+// virtio-mmio registers.
+const REG_MAGIC: u64 = 0x00;
+const REG_VERSION: u64 = 0x04;
+const REG_DEVICE_ID: u64 = 0x08;
+const REG_DEVICE_FEATURES: u64 = 0x10;
+const REG_DEVICE_FEATURES_SEL: u64 = 0x14;
+const REG_DRIVER_FEATURES: u64 = 0x20;
+const REG_DRIVER_FEATURES_SEL: u64 = 0x24;
+const REG_QUEUE_SEL: u64 = 0x30;
+const REG_QUEUE_NUM_MAX: u64 = 0x34;
+const REG_QUEUE_NUM: u64 = 0x38;
+const REG_QUEUE_READY: u64 = 0x44;
+const REG_QUEUE_NOTIFY: u64 = 0x50;
+const REG_INTERRUPT_STATUS: u64 = 0x60;
+const REG_INTERRUPT_ACK: u64 = 0x64;
+const REG_STATUS: u64 = 0x70;
+const REG_QUEUE_DESC: u64 = 0x80;
+const REG_QUEUE_AVAIL: u64 = 0x90;
+const REG_QUEUE_USED: u64 = 0xa0;
+const QUEUE_SIZE: u32 = 8;
+
+/// Encodes a 64-bit interrupt gate (present, DPL 0, type 0xE) to `handler` in segment 0x08.
+fn interrupt_gate(handler: u64) -> [u8; 16] {
+    let mut gate = [0u8; 16];
+    gate[0..2].copy_from_slice(&(handler as u16).to_le_bytes());
+    gate[2..4].copy_from_slice(&0x08u16.to_le_bytes());
+    gate[5] = 0x8e;
+    gate[6..8].copy_from_slice(&((handler >> 16) as u16).to_le_bytes());
+    gate[8..12].copy_from_slice(&((handler >> 32) as u32).to_le_bytes());
+    gate
+}
+
+/// `[addr] = value` (32 bits). Clobbers `rbx`.
+fn write32(a: &mut Asm, addr: u64, value: u32) -> AsmResult {
+    a.mov(rbx, addr)?;
+    a.mov(dword_ptr(rbx), value)
+}
+
+/// `eax = [addr]` (32 bits). Clobbers `rbx`.
+fn read32(a: &mut Asm, addr: u64) -> AsmResult {
+    a.mov(rbx, addr)?;
+    a.mov(eax, dword_ptr(rbx))
+}
+
+/// Exits with `code` unless the flags say equal.
+fn check_eq(a: &mut Asm, code: u8) -> AsmResult {
+    let mut ok = a.create_label();
+    a.je(ok)?;
+    a.exit(code)?;
+    a.set_label(&mut ok)?;
+    a.nop()
+}
+
+/// Exits with `code` unless `eax == value`.
+fn expect_eax(a: &mut Asm, value: u32, code: u8) -> AsmResult {
+    a.cmp(eax, value)?;
+    check_eq(a, code)
+}
+
+/// Checks a device's MagicValue, Version and DeviceID; exit codes `code`..`code + 2`.
+fn check_identity(a: &mut Asm, base: u64, device_id: u32, code: u8) -> AsmResult {
+    read32(a, base + REG_MAGIC)?;
+    expect_eax(a, 0x7472_6976, code)?;
+    read32(a, base + REG_VERSION)?;
+    expect_eax(a, 2, code + 1)?;
+    read32(a, base + REG_DEVICE_ID)?;
+    expect_eax(a, device_id, code + 2)
+}
+
+/// Initialises a device (virtio 1.2 section 3.1.1) with queue 0 at `queue` (descriptors,
+/// then the available and used rings a page apart) and sets DRIVER_OK. Exit codes
+/// `code`..`code + 3`.
+fn init_device(a: &mut Asm, base: u64, queue: u64, code: u8) -> AsmResult {
+    write32(a, base + REG_STATUS, 0)?;
+    write32(a, base + REG_STATUS, 1)?; // ACKNOWLEDGE
+    write32(a, base + REG_STATUS, 3)?; // DRIVER
+    write32(a, base + REG_DEVICE_FEATURES_SEL, 1)?;
+    read32(a, base + REG_DEVICE_FEATURES)?;
+    a.and(eax, 1)?; // VIRTIO_F_VERSION_1 (bit 32)
+    expect_eax(a, 1, code)?;
+    write32(a, base + REG_DRIVER_FEATURES_SEL, 1)?;
+    write32(a, base + REG_DRIVER_FEATURES, 1)?;
+    write32(a, base + REG_DRIVER_FEATURES_SEL, 0)?;
+    write32(a, base + REG_DRIVER_FEATURES, 0)?;
+    write32(a, base + REG_STATUS, 0xb)?; // FEATURES_OK
+    read32(a, base + REG_STATUS)?;
+    expect_eax(a, 0xb, code + 1)?;
+    write32(a, base + REG_QUEUE_SEL, 0)?;
+    read32(a, base + REG_QUEUE_NUM_MAX)?;
+    a.cmp(eax, QUEUE_SIZE)?;
+    let mut big_enough = a.create_label();
+    a.jae(big_enough)?;
+    a.exit(code + 2)?;
+    a.set_label(&mut big_enough)?;
+    write32(a, base + REG_QUEUE_NUM, QUEUE_SIZE)?;
+    for (reg, addr) in [
+        (REG_QUEUE_DESC, queue),
+        (REG_QUEUE_AVAIL, queue + 0x1000),
+        (REG_QUEUE_USED, queue + 0x2000),
+    ] {
+        write32(a, base + reg, addr as u32)?;
+        write32(a, base + reg + 4, 0)?;
+    }
+    write32(a, base + REG_QUEUE_READY, 1)?;
+    write32(a, base + REG_STATUS, 0xf)?; // DRIVER_OK
+    read32(a, base + REG_STATUS)?;
+    expect_eax(a, 0xf, code + 3)
+}
+
+/// Writes descriptor `index` of the table at `queue`. Clobbers `rbx`.
+fn descriptor(
+    a: &mut Asm,
+    queue: u64,
+    index: u64,
+    buf: u64,
+    len: u32,
+    flags: u32,
+    next: u32,
+) -> AsmResult {
+    a.mov(rbx, queue + 16 * index)?;
+    a.mov(qword_ptr(rbx), buf as i32)?;
+    a.mov(dword_ptr(rbx + 8), len)?;
+    a.mov(word_ptr(rbx + 12), flags)?;
+    a.mov(word_ptr(rbx + 14), next)
+}
+
+/// Makes descriptor chain 0 available (first entry of the available ring) and kicks queue 0.
+fn kick(a: &mut Asm, base: u64, queue: u64) -> AsmResult {
+    a.mov(rbx, queue + 0x1000)?;
+    a.mov(word_ptr(rbx), 0u32)?; // flags: interrupts wanted
+    a.mov(word_ptr(rbx + 4), 0u32)?; // ring[0] = head 0
+    a.mov(word_ptr(rbx + 2), 1u32)?; // idx = 1
+    write32(a, base + REG_QUEUE_NOTIFY, 0)
+}
+
+/// Waits with `sti; hlt` until the counter at `irqs` is non-zero, then checks the used ring
+/// holds one element for head 0 of `len` bytes and the handler saw the used-buffer bit.
+/// Exit codes `code`..`code + 2`.
+fn wait_used(a: &mut Asm, irqs: u64, isr: u64, queue: u64, len: u32, code: u8) -> AsmResult {
+    let mut wait = a.create_label();
+    let mut done = a.create_label();
+    a.mov(rbx, irqs)?;
+    a.set_label(&mut wait)?;
+    a.cli()?;
+    a.cmp(qword_ptr(rbx), 0)?;
+    a.jne(done)?;
+    a.sti()?;
+    a.hlt()?;
+    a.jmp(wait)?;
+    a.set_label(&mut done)?;
+    a.mov(rbx, queue + 0x2000)?;
+    a.movzx(eax, word_ptr(rbx + 2))?; // used idx
+    expect_eax(a, 1, code)?;
+    a.mov(rbx, queue + 0x2000)?;
+    a.mov(eax, dword_ptr(rbx + 8))?; // used ring[0].len
+    expect_eax(a, len, code + 1)?;
+    read32(a, isr)?;
+    a.and(eax, 1)?;
+    expect_eax(a, 1, code + 2)
+}
+
+/// An interrupt handler for the device at `base`: records InterruptStatus, acknowledges it,
+/// counts the interrupt and sends the LAPIC EOI.
+fn irq_handler(a: &mut Asm, base: u64, irqs: u64, isr: u64) -> AsmResult {
+    a.push(rax)?;
+    a.push(rbx)?;
+    read32(a, base + REG_INTERRUPT_STATUS)?;
+    a.mov(rbx, isr)?;
+    a.mov(dword_ptr(rbx), eax)?;
+    a.mov(rbx, base + REG_INTERRUPT_ACK)?;
+    a.mov(dword_ptr(rbx), eax)?;
+    a.mov(rbx, irqs)?;
+    a.lock().inc(qword_ptr(rbx))?;
+    a.mov(rbx, guest::LAPIC_BASE + 0xb0)?;
+    a.mov(dword_ptr(rbx), 0)?;
+    a.pop(rbx)?;
+    a.pop(rax)?;
+    a.iretq()
+}
+
+/// Routes IOAPIC pin `pin` to `vector` (fixed, physical APIC 0, edge, active high).
+fn route(a: &mut Asm, pin: u8, vector: u8) -> AsmResult {
+    write32(a, guest::IOAPIC_BASE, 0x10 + 2 * u32::from(pin))?;
+    write32(a, guest::IOAPIC_BASE + 0x10, u32::from(vector))?;
+    write32(a, guest::IOAPIC_BASE, 0x11 + 2 * u32::from(pin))?;
+    write32(a, guest::IOAPIC_BASE + 0x10, 0)
+}
+
+/// Prints the NUL-terminated string at `addr`. Clobbers `al`, `dx`, `rsi`.
+fn print_cstr(a: &mut Asm, addr: u64) -> AsmResult {
+    let mut next = a.create_label();
+    let mut end = a.create_label();
+    a.mov(rsi, addr)?;
+    a.set_label(&mut next)?;
+    a.mov(al, byte_ptr(rsi))?;
+    a.test(al, al)?;
+    a.jz(end)?;
+    a.putc_al()?;
+    a.inc(rsi)?;
+    a.jmp(next)?;
+    a.set_label(&mut end)?;
+    a.nop()
+}
+
+/// Prints `len` bytes at `addr`. Clobbers `al`, `ecx`, `dx`, `rsi`.
+fn print_bytes(a: &mut Asm, addr: u64, len: usize) -> AsmResult {
+    let mut next = a.create_label();
+    a.mov(rsi, addr)?;
+    a.mov(ecx, len as u32)?;
+    a.set_label(&mut next)?;
+    a.mov(al, byte_ptr(rsi))?;
+    a.putc_al()?;
+    a.inc(rsi)?;
+    a.dec(ecx)?;
+    a.jnz(next)
+}
+
+/// The main program: see the module documentation. Exits 0 at the end, or halts if `halt`.
+fn main_code(a: &mut Asm, halt: bool) -> AsmResult {
+    a.mov(rax, IDTR)?;
+    a.lidt(ptr(rax))?;
+    a.mov(rbx, guest::LAPIC_SVR)?;
+    a.mov(dword_ptr(rbx), 0x1ff)?;
+    a.mov(al, 0xff)?;
+    a.out(0x21, al)?;
+    a.out(0xa1, al)?;
+    a.print("cmdline: ")?;
+    print_cstr(a, CMDLINE)?;
+    a.print("\n")?;
+    check_identity(a, DISK_BASE, 2, 10)?;
+    a.print("virtio-blk at 0xc0001000\n")?;
+    check_identity(a, RNG_BASE, 4, 13)?;
+    a.print("virtio-rng at 0xc0002000\n")?;
+    route(a, RNG_GSI, RNG_VECTOR)?;
+    route(a, DISK_GSI, DISK_VECTOR)?;
+
+    // virtio-rng: one 16-byte device-writable buffer.
+    init_device(a, RNG_BASE, RNG_QUEUE, 20)?;
+    descriptor(a, RNG_QUEUE, 0, RNG_BUF, 16, 2, 0)?;
+    kick(a, RNG_BASE, RNG_QUEUE)?;
+    wait_used(a, RNG_IRQS, RNG_ISR, RNG_QUEUE, 16, 30)?;
+    a.mov(rbx, RNG_BUF)?;
+    a.mov(rax, qword_ptr(rbx))?;
+    a.or(rax, qword_ptr(rbx + 8))?;
+    a.cmp(rax, 0)?;
+    let mut random = a.create_label();
+    a.jne(random)?;
+    a.exit(33)?;
+    a.set_label(&mut random)?;
+    a.print("rng: 16 bytes, interrupt taken\n")?;
+
+    // virtio-blk: read sector 0 (header, 512-byte data buffer, status byte).
+    init_device(a, DISK_BASE, DISK_QUEUE, 40)?;
+    a.mov(rbx, DISK_HDR)?;
+    a.mov(qword_ptr(rbx), 0)?; // type IN, reserved
+    a.mov(qword_ptr(rbx + 8), 0)?; // sector 0
+    a.mov(rbx, DISK_STATUS)?;
+    a.mov(byte_ptr(rbx), 0xff)?;
+    descriptor(a, DISK_QUEUE, 0, DISK_HDR, 16, 1, 1)?;
+    descriptor(a, DISK_QUEUE, 1, DISK_DATA, 512, 3, 2)?;
+    descriptor(a, DISK_QUEUE, 2, DISK_STATUS, 1, 2, 0)?;
+    kick(a, DISK_BASE, DISK_QUEUE)?;
+    wait_used(a, DISK_IRQS, DISK_ISR, DISK_QUEUE, 513, 50)?;
+    a.mov(rbx, DISK_STATUS)?;
+    a.movzx(eax, byte_ptr(rbx))?;
+    expect_eax(a, 0, 53)?;
+    a.print("disk: ")?;
+    print_bytes(a, DISK_DATA, DISK_TEXT_LEN)?;
+    a.print("\n")?;
+    if halt {
+        a.halt_forever()
+    } else {
+        a.exit(0)
+    }
+}
+
+/// Builds the guest image: main program, handlers and IDT.
+fn write_virtio_guest(dir: &Path, halt: bool) -> PathBuf {
+    let build = || -> AsmResult<Image> {
+        let mut a = Asm::new64();
+        let mut rng = a.create_label();
+        let mut disk = a.create_label();
+        let mut spurious = a.create_label();
+        let mut unexpected = a.create_label();
+        a.set_label(&mut rng)?;
+        irq_handler(&mut a, RNG_BASE, RNG_IRQS, RNG_ISR)?;
+        a.set_label(&mut disk)?;
+        irq_handler(&mut a, DISK_BASE, DISK_IRQS, DISK_ISR)?;
+        a.set_label(&mut spurious)?;
+        a.iretq()?;
+        a.set_label(&mut unexpected)?;
+        a.print("unexpected interrupt or exception\n")?;
+        a.exit(UNEXPECTED_EXIT)?;
+        let (handlers, addrs) =
+            a.assemble_with_labels(HANDLERS, &[rng, disk, spurious, unexpected]);
+        let mut idt = Vec::with_capacity(256 * 16 + 10);
+        for vector in 0..=255u8 {
+            let handler = match vector {
+                RNG_VECTOR => addrs[0],
+                DISK_VECTOR => addrs[1],
+                0xff => addrs[2],
+                _ => addrs[3],
+            };
+            idt.extend_from_slice(&interrupt_gate(handler));
+        }
+        idt.extend_from_slice(&(256u16 * 16 - 1).to_le_bytes());
+        idt.extend_from_slice(&IDT.to_le_bytes());
+
+        let mut a = Asm::new64();
+        main_code(&mut a, halt)?;
+        let main = a.assemble(LOAD_ADDR);
+        assert!(
+            LOAD_ADDR + main.len() as u64 <= HANDLERS,
+            "main code too large"
+        );
+        let mut image = Image::new();
+        image
+            .place(LOAD_ADDR, &main)
+            .place(HANDLERS, &handlers)
+            .place(IDT, &idt);
+        Ok(image)
+    };
+    build()
+        .unwrap_or_else(|e| panic!("building the virtio guest: {e}"))
+        .write(&dir.join("virtio.elf"))
+}
+
+/// Writes a 1 MiB image starting with `SKIFF-DISK-TEST!`.
+fn write_test_disk(dir: &Path) -> PathBuf {
+    let disk = dir.join("disk.img");
+    let mut sector = b"SKIFF-DISK-TEST!".to_vec();
+    sector.resize(1 << 20, 0);
+    std::fs::write(&disk, &sector).unwrap();
+    disk
+}
+
+/// `query-block`, `query-blockstats` and `info block` describe the disk with QEMU's names;
+/// after the guest read one sector, the counters say so.
+#[test]
+fn qmp_reports_disks_and_their_counters() {
+    let _t = TestTimer::start("qmp_reports_disks_and_their_counters");
+    let dir = TempDir::new("virtio-qmp");
+    let kernel = write_virtio_guest(dir.path(), true);
+    let disk = write_test_disk(dir.path());
+    let sock = dir.join("qmp.sock");
+    let disk_arg = format!("path={},id=d0,readonly=on", disk.display());
+    let qmp_arg = format!("unix:{}", sock.display());
+    let mut skiff = common::process::Skiff::spawn([
+        "--kernel",
+        kernel.to_str().unwrap(),
+        "--disk",
+        &disk_arg,
+        "--rng",
+        "--qmp",
+        &qmp_arg,
+        "--serial",
+        "stdio",
+    ]);
+    let deadline = std::time::Instant::now() + GUEST_TIMEOUT;
+    assert!(
+        skiff.wait_stdout_contains("disk: SKIFF-DISK-TEST!\n", deadline),
+        "{}",
+        skiff.dump()
+    );
+    let mut qmp = QmpClient::open_unix(&sock, false, GUEST_TIMEOUT).unwrap();
+    let path = disk.display().to_string();
+    let blocks = qmp.execute("query-block", json!({})).unwrap();
+    assert_eq!(
+        blocks,
+        json!([{
+            "device": "d0",
+            "qdev": "/machine/peripheral/d0/virtio-backend",
+            "type": "unknown",
+            "removable": false,
+            "locked": false,
+            "inserted": {
+                "file": path, "ro": true, "drv": "raw", "backing_file_depth": 0,
+                "encrypted": false, "detect_zeroes": "off",
+                "bps": 0, "bps_rd": 0, "bps_wr": 0, "iops": 0, "iops_rd": 0, "iops_wr": 0,
+                "image": {"filename": path, "format": "raw", "virtual-size": 1 << 20,
+                          "dirty-flag": false},
+                "cache": {"writeback": true, "direct": false, "no-flush": false},
+                "write_threshold": 0
+            }
+        }])
+    );
+    let stats = qmp.execute("query-blockstats", json!({})).unwrap();
+    let s = &stats[0]["stats"];
+    assert_eq!(stats[0]["device"], "d0", "{stats}");
+    assert_eq!(s["rd_operations"], 1, "{stats}");
+    assert_eq!(s["rd_bytes"], 512, "{stats}");
+    assert_eq!(s["wr_operations"], 0, "{stats}");
+    assert_eq!(s["flush_operations"], 0, "{stats}");
+    assert_eq!(s["timed_stats"], json!([]), "{stats}");
+    let info = qmp
+        .execute(
+            "human-monitor-command",
+            json!({"command-line": "info block"}),
+        )
+        .unwrap();
+    assert_eq!(
+        info,
+        json!(format!(
+            "d0: {path} (raw, read-only)\r\n    Attached to:      \
+             /machine/peripheral/d0/virtio-backend\r\n    Cache mode:       writeback\r\n"
+        ))
+    );
+    skiff.kill();
+}
+
+/// What each guest exit status means.
+const CHECKS: &[(u8, &str)] = &[
+    (10, "disk MagicValue"),
+    (11, "disk Version"),
+    (12, "disk DeviceID"),
+    (13, "rng MagicValue"),
+    (14, "rng Version"),
+    (15, "rng DeviceID"),
+    (20, "rng VIRTIO_F_VERSION_1 offered"),
+    (21, "rng FEATURES_OK accepted"),
+    (22, "rng QueueNumMax >= 8"),
+    (23, "rng DRIVER_OK accepted"),
+    (30, "rng used idx == 1"),
+    (31, "rng used len == 16"),
+    (32, "rng InterruptStatus had the used-buffer bit"),
+    (33, "rng bytes not all zero"),
+    (40, "disk VIRTIO_F_VERSION_1 offered"),
+    (41, "disk FEATURES_OK accepted"),
+    (42, "disk QueueNumMax >= 8"),
+    (43, "disk DRIVER_OK accepted"),
+    (50, "disk used idx == 1"),
+    (51, "disk used len == 513"),
+    (52, "disk InterruptStatus had the used-buffer bit"),
+    (53, "disk request status OK"),
+    (UNEXPECTED_EXIT, "no unexpected interrupt or exception"),
+];
+
+/// The guest finds a disk and an RNG at the first two virtio-mmio windows, reads 16 random
+/// bytes from the RNG and the first sector of the disk, each completion signalled by an
+/// interrupt; the command line lists both devices.
+#[test]
+fn tiny_guest_drives_virtio_rng_and_blk() {
+    let _t = TestTimer::start("tiny_guest_drives_virtio_rng_and_blk");
+    let dir = TempDir::new("virtio");
+    let kernel = write_virtio_guest(dir.path(), false);
+    let disk = write_test_disk(dir.path());
+    let disk_arg = format!("path={},id=d0", disk.display());
+    let done = run_guest(
+        &kernel,
+        &["--disk", &disk_arg, "--rng", "--cmdline", "console=ttyS0"],
+        GUEST_TIMEOUT,
+    );
+    if let Some((code, what)) = CHECKS
+        .iter()
+        .find(|(c, _)| done.code() == Some(i32::from(*c)))
+    {
+        panic!("guest check {code} failed: {what}\n{}", done.dump());
+    }
+    done.assert_exit(0);
+    done.assert_stdout(
+        "cmdline: virtio_mmio.device=4K@0xc0001000:5 virtio_mmio.device=4K@0xc0002000:6 \
+         console=ttyS0\n\
+         virtio-blk at 0xc0001000\n\
+         virtio-rng at 0xc0002000\n\
+         rng: 16 bytes, interrupt taken\n\
+         disk: SKIFF-DISK-TEST!\n",
+    );
+}
+
+/// Bad device options and missing images fail start-up with one clear line, before any
+/// guest runs.
+#[test]
+fn bad_device_options_fail_cleanly() {
+    let dir = TempDir::new("virtio-bad");
+    let kernel = guest::write_guest(dir.path(), "exit.elf", |a| a.exit(0));
+    let missing = dir.join("missing.img");
+    let missing_arg = format!("path={}", missing.display());
+    let image = dir.join("disk.img");
+    std::fs::write(&image, vec![0u8; 4096]).unwrap();
+    let dup_arg = format!("path={},id=x", image.display());
+    let cases: [(&[&str], &str); 5] = [
+        (&["--disk", "readonly=on"], "path= is missing"),
+        (&["--disk", "path=a,bogus=1"], "unknown option 'bogus'"),
+        (&["--net", "tap=t0,mac=01:02:03:04:05:06"], "multicast"),
+        (&["--disk", &missing_arg], "cannot open disk image"),
+        (
+            &["--disk", &dup_arg, "--disk", &dup_arg],
+            "device id 'x' is used twice",
+        ),
+    ];
+    for (extra, expected) in cases {
+        let mut args = vec!["--kernel", kernel.to_str().unwrap()];
+        args.extend_from_slice(extra);
+        let done = run(args, b"", GUEST_TIMEOUT);
+        assert_ne!(done.code(), Some(0), "{extra:?}\n{}", done.dump());
+        done.assert_clean_error();
+        assert!(done.stderr.contains(expected), "{extra:?}: {}", done.dump());
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Linux: virtio-blk probe with MBR partitions, virtio-net DHCP through a tap in a netns.
+// ---------------------------------------------------------------------------------------------
+
+/// Deadline of the Linux boot up to its IP autoconfiguration on the emulating KVM.
+const LINUX_DEADLINE: Duration = Duration::from_secs(900);
+/// Sectors of the test disk (4 MiB).
+const DISK_SECTORS: u32 = 8192;
+
+/// A 4 MiB raw image with an MBR holding two Linux partitions (sectors 2048+2048, 4096+4096).
+fn mbr_image(path: &Path) {
+    let mut image = vec![0u8; DISK_SECTORS as usize * 512];
+    for (i, (start, count)) in [(2048u32, 2048u32), (4096, 4096)].iter().enumerate() {
+        let entry = &mut image[446 + 16 * i..446 + 16 * (i + 1)];
+        entry[1..4].copy_from_slice(&[0xfe, 0xff, 0xff]);
+        entry[4] = 0x83;
+        entry[5..8].copy_from_slice(&[0xfe, 0xff, 0xff]);
+        entry[8..12].copy_from_slice(&start.to_le_bytes());
+        entry[12..16].copy_from_slice(&count.to_le_bytes());
+    }
+    image[510] = 0x55;
+    image[511] = 0xaa;
+    std::fs::write(path, image).unwrap();
+}
+
+/// Runs a command, panicking with its output if it fails.
+fn sh(args: &[&str]) {
+    let out = std::process::Command::new(args[0])
+        .args(&args[1..])
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {args:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{args:?} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A network namespace holding a tap (10.0.2.1/24) and a DHCP server on it; both go away
+/// when dropped.
+struct DhcpNetns {
+    name: String,
+    server: std::process::Child,
+}
+
+/// Tap interface name inside the namespace.
+const TAP: &str = "vtap0";
+
+impl DhcpNetns {
+    /// Why the test cannot run here, if it cannot.
+    fn unavailable() -> Option<String> {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            return Some("not root (network namespaces and taps need CAP_NET_ADMIN)".into());
+        }
+        if !Path::new("/dev/net/tun").exists() {
+            return Some("/dev/net/tun does not exist".into());
+        }
+        for tool in ["ip", "busybox"] {
+            let found = std::process::Command::new("which")
+                .arg(tool)
+                .output()
+                .is_ok_and(|o| o.status.success());
+            if !found {
+                return Some(format!("{tool} is not installed"));
+            }
+        }
+        None
+    }
+
+    fn start(dir: &Path) -> DhcpNetns {
+        let name = format!("skiffvt{}", std::process::id());
+        let _ = std::process::Command::new("ip")
+            .args(["netns", "del", &name])
+            .output();
+        sh(&["ip", "netns", "add", &name]);
+        let ns = |cmd: &[&str]| {
+            let mut full = vec!["ip", "netns", "exec", &name];
+            full.extend_from_slice(cmd);
+            sh(&full);
+        };
+        ns(&["ip", "link", "set", "lo", "up"]);
+        ns(&["ip", "tuntap", "add", "dev", TAP, "mode", "tap", "vnet_hdr"]);
+        ns(&["ip", "addr", "add", "10.0.2.1/24", "dev", TAP]);
+        ns(&["ip", "link", "set", TAP, "up"]);
+        let leases = dir.join("udhcpd.leases");
+        std::fs::write(&leases, b"").unwrap();
+        let conf = dir.join("udhcpd.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "start 10.0.2.15\nend 10.0.2.20\ninterface {TAP}\nlease_file {}\n\
+                 pidfile {}\noption subnet 255.255.255.0\noption router 10.0.2.1\n\
+                 option lease 3600\n",
+                leases.display(),
+                dir.join("udhcpd.pid").display()
+            ),
+        )
+        .unwrap();
+        let server = std::process::Command::new("ip")
+            .args(["netns", "exec", &name, "busybox", "udhcpd", "-f"])
+            .arg(&conf)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start udhcpd: {e}"));
+        DhcpNetns { name, server }
+    }
+}
+
+impl Drop for DhcpNetns {
+    fn drop(&mut self) {
+        let _ = self.server.kill();
+        let _ = self.server.wait();
+        let _ = std::process::Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .output();
+    }
+}
+
+/// Waits until every needle has appeared in skiff's output, in order, or the deadline.
+/// Returns the index of the first needle not seen.
+fn wait_in_order(
+    skiff: &common::process::Skiff,
+    needles: &[&str],
+    deadline: std::time::Instant,
+) -> usize {
+    let seen = |out: &[u8]| {
+        let text = String::from_utf8_lossy(out);
+        let mut at = 0;
+        let mut count = 0;
+        for needle in needles {
+            match text[at..].find(needle) {
+                Some(i) => {
+                    at += i + needle.len();
+                    count += 1;
+                }
+                None => break,
+            }
+        }
+        count
+    };
+    skiff.wait_stdout(deadline, |out| seen(out) == needles.len());
+    seen(skiff.stdout_text().as_bytes())
+}
+
+/// Boots the project's Linux kernel (no initramfs: everything checked happens before user
+/// space) with a virtio disk holding an MBR image, a virtio-net interface on a tap in a
+/// network namespace where udhcpd serves 10.0.2.15-20, and virtio-rng. The kernel must probe
+/// the disk with its size and both partitions, and its `ip=dhcp` autoconfiguration must get
+/// an address through virtio-net.
+#[test]
+fn linux_probes_virtio_blk_and_gets_dhcp_over_virtio_net() {
+    let _t = TestTimer::start("linux_probes_virtio_blk_and_gets_dhcp_over_virtio_net");
+    if let Some(why) = DhcpNetns::unavailable() {
+        eprintln!("SKIPPED: {why}");
+        return;
+    }
+    let root = common::repo_root();
+    let vmlinux = root.join("resources/build/guest/vmlinux");
+    let cmdline_file = root.join("resources/guest/cmdline");
+    assert!(
+        vmlinux.is_file(),
+        "{} is missing: build it with resources/build-guest.sh",
+        vmlinux.display()
+    );
+    let base_cmdline = std::fs::read_to_string(&cmdline_file).unwrap();
+    let cmdline = format!("{} ip=dhcp", base_cmdline.trim());
+    let dir = TempDir::new("virtio-linux");
+    let disk = dir.join("mbr.img");
+    mbr_image(&disk);
+    let net = DhcpNetns::start(dir.path());
+    let disk_arg = format!("path={},id=root", disk.display());
+    let net_arg = format!("tap={TAP},mac=52:54:00:12:34:56,id=net0");
+    let started = std::time::Instant::now();
+    let mut skiff = common::process::Skiff::spawn_via(
+        &["ip", "netns", "exec", &net.name],
+        [
+            "--kernel",
+            vmlinux.to_str().unwrap(),
+            "--cmdline",
+            &cmdline,
+            "--memory",
+            "256M",
+            "--disk",
+            &disk_arg,
+            "--net",
+            &net_arg,
+            "--rng",
+            "--serial",
+            "stdio",
+        ],
+    );
+    let blocks = format!("virtio_blk virtio0: [vda] {DISK_SECTORS} 512-byte logical blocks");
+    let needles = [
+        blocks.as_str(),
+        " vda: vda1 vda2",
+        "IP-Config: Got DHCP answer from 10.0.2.1, my address is 10.0.2.15",
+    ];
+    let met = wait_in_order(&skiff, &needles, started + LINUX_DEADLINE);
+    let elapsed = started.elapsed().as_secs_f64();
+    skiff.kill();
+    let out = skiff.stdout_text();
+    let last = out
+        .lines()
+        .rev()
+        .find(|l| !l.trim().is_empty())
+        .unwrap_or("")
+        .to_string();
+    assert!(
+        met == needles.len(),
+        "after {elapsed:.1} s: missing {:?} (last line: {last:?})\n{}",
+        needles[met],
+        skiff.dump()
+    );
+    for line in out.lines().filter(|l| {
+        l.contains("vda") || l.contains("IP-Config") || l.contains("virtio") || l.contains("ipaddr")
+    }) {
+        eprintln!("guest: {}", line.trim_end());
+    }
+    eprintln!("linux virtio test: all lines seen after {elapsed:.1} s");
+}
