@@ -490,6 +490,7 @@ mod tests {
             cmdline: String::new(),
             mem_size: MIB,
             num_cpus,
+            virtio: Vec::new(),
         };
         let vm = Arc::new(
             Vm::new(
