@@ -21,8 +21,9 @@ use kvm_ioctls::{VcpuExit, VcpuFd};
 use skiff::arch::regs::{self, BootProtocol};
 use skiff::arch::{cpuid, layout::MIB};
 use skiff::kvm_vm::KvmVm;
+use skiff::memory::GuestRam;
 use skiff::uffd::{page_resident, Userfault, PAGE_SIZE};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
 use super::elf::LOAD_ADDR;
 use super::guest::{write_guest, Asm, AsmResult, EXIT_PORT};
@@ -254,7 +255,7 @@ fn check_sum(sum: u8) -> Result<bool, String> {
 }
 
 /// Writes the guest code, GDT, page tables and the data pages' bytes.
-fn write_probe_ram(mem: &GuestMemoryMmap) -> Result<(), String> {
+fn write_probe_ram(mem: &GuestRam) -> Result<(), String> {
     let code = probe_guest_code().map_err(|e| format!("assembling the probe guest: {e}"))?;
     mem.write_slice(&code, GuestAddress(LOAD_ADDR))
         .map_err(|e| e.to_string())?;
@@ -306,7 +307,7 @@ struct ProbeRam {
 }
 
 impl ProbeRam {
-    fn snapshot(mem: &GuestMemoryMmap) -> Result<ProbeRam, String> {
+    fn snapshot(mem: &GuestRam) -> Result<ProbeRam, String> {
         let host = mem
             .get_host_address(GuestAddress(0))
             .map_err(|e| e.to_string())? as u64;
@@ -384,7 +385,7 @@ fn spawn_fault_server(
 /// is kept alive until the vCPU is done with it.
 fn spawn_probe_vcpu(
     mut vcpu: VcpuFd,
-    mem: Arc<GuestMemoryMmap>,
+    mem: Arc<GuestRam>,
     tx: mpsc::Sender<VcpuEnd>,
 ) -> Result<JoinHandle<()>, String> {
     skiff::vcpu::install_kick_handler().map_err(|e| e.to_string())?;

@@ -1,13 +1,13 @@
 //! The KVM virtual machine: its file descriptor, in-kernel irqchip and PIT, memory slots, and
 //! the power-on state of the irqchip and PIT that a guest reset restores.
 
+use crate::memory::GuestRam;
 use kvm_bindings::{
     kvm_clock_data, kvm_irqchip, kvm_pit_config, kvm_pit_state2, CpuId, KVM_IRQCHIP_IOAPIC,
     KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY,
 };
 use kvm_ioctls::{Cap, Kvm, VmFd};
 use serde::{Deserialize, Serialize};
-use vm_memory::GuestMemoryMmap;
 
 use crate::arch::layout::{KVM_IDENTITY_MAP_ADDRESS, KVM_TSS_ADDRESS};
 use crate::memory::{self, MemoryError};
@@ -118,7 +118,7 @@ const REQUIRED_CAPS: [Cap; 6] = [
 
 impl KvmVm {
     /// Opens /dev/kvm, creates the VM, its irqchip and PIT, and registers `mem`.
-    pub fn new(mem: &GuestMemoryMmap) -> Result<Self, VmError> {
+    pub fn new(mem: &GuestRam) -> Result<Self, VmError> {
         let kvm = Kvm::new().map_err(VmError::OpenKvm)?;
         let version = kvm.get_api_version();
         if version != KVM_API_VERSION {
@@ -260,12 +260,12 @@ mod tests {
     use crate::arch::layout::MIB;
     use vm_memory::GuestAddress;
 
-    fn vm() -> Option<(KvmVm, GuestMemoryMmap)> {
+    fn vm() -> Option<(KvmVm, GuestRam)> {
         if Kvm::new().is_err() {
             eprintln!("SKIPPED: /dev/kvm is not available");
             return None;
         }
-        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MIB as usize)]).unwrap();
+        let mem = GuestRam::from_ranges(&[(GuestAddress(0), MIB as usize)]).unwrap();
         Some((KvmVm::new(&mem).unwrap(), mem))
     }
 

@@ -5,11 +5,12 @@ use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
 use std::path::Path;
 
+use crate::memory::GuestRam;
 use linux_loader::cmdline::Cmdline;
 use linux_loader::loader::bootparam::setup_header;
 use linux_loader::loader::elf::{Elf, PvhBootCapability};
 use linux_loader::loader::{load_cmdline, BzImage, KernelLoader};
-use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Address, Bytes, GuestAddress};
 
 use crate::arch::boot_params::{self, InitrdPlacement};
 use crate::arch::layout::{
@@ -128,7 +129,7 @@ fn is_elf(file: &mut File) -> std::io::Result<bool> {
     Ok(n == 4 && &magic == ELF_MAGIC)
 }
 
-fn load_kernel(mem: &GuestMemoryMmap, path: &Path) -> Result<LoadedKernel, LoaderError> {
+fn load_kernel(mem: &GuestRam, path: &Path) -> Result<LoadedKernel, LoaderError> {
     let mut file = open(path)?;
     let io_err = |source| LoaderError::KernelFile {
         path: path.display().to_string(),
@@ -174,7 +175,7 @@ fn load_kernel(mem: &GuestMemoryMmap, path: &Path) -> Result<LoadedKernel, Loade
 /// Loads the initrd at the top of low RAM (below the device gap and below `addr_max`),
 /// page-aligned, above the kernel.
 fn load_initrd(
-    mem: &GuestMemoryMmap,
+    mem: &GuestRam,
     path: &Path,
     mem_size: u64,
     kernel_end: u64,
@@ -233,7 +234,7 @@ fn build_cmdline(text: &str, virtio: &[acpi::VirtioMmioWindow]) -> Result<Cmdlin
 
 /// Loads everything the guest needs into (zeroed) guest memory and returns the boot vCPU's
 /// entry point.
-pub fn load_guest(mem: &GuestMemoryMmap, image: &GuestImage) -> Result<BootEntry, LoaderError> {
+pub fn load_guest(mem: &GuestRam, image: &GuestImage) -> Result<BootEntry, LoaderError> {
     let kernel = load_kernel(mem, &image.kernel)?;
     let initrd = match &image.initrd {
         Some(path) => Some(load_initrd(

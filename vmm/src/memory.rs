@@ -2,7 +2,13 @@
 
 use kvm_bindings::kvm_userspace_memory_region;
 use kvm_ioctls::VmFd;
+use vm_memory::bitmap::AtomicBitmap;
 use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+
+/// Guest RAM: mmap-backed regions with a dirty bitmap per region, in which every write the
+/// VMM itself makes through vm-memory (device emulation) is recorded; live migration adds it
+/// to KVM's dirty log, which only sees the guest's own writes.
+pub type GuestRam = GuestMemoryMmap<AtomicBitmap>;
 
 use crate::arch::layout::ram_regions;
 
@@ -31,19 +37,19 @@ pub enum MemoryError {
 }
 
 /// Maps `mem_size` bytes of guest RAM, laid out around the device gap.
-pub fn create_guest_memory(mem_size: u64) -> Result<GuestMemoryMmap, MemoryError> {
+pub fn create_guest_memory(mem_size: u64) -> Result<GuestRam, MemoryError> {
     let ranges: Vec<_> = ram_regions(mem_size)
         .into_iter()
         .map(|(start, size)| (start, size as usize))
         .collect();
-    GuestMemoryMmap::from_ranges(&ranges).map_err(|e| MemoryError::Map {
+    GuestRam::from_ranges(&ranges).map_err(|e| MemoryError::Map {
         size: mem_size,
         reason: e.to_string(),
     })
 }
 
 /// Registers each RAM region as a KVM memory slot (slot i = region i).
-pub fn register_memory_slots(vm: &VmFd, mem: &GuestMemoryMmap) -> Result<(), MemoryError> {
+pub fn register_memory_slots(vm: &VmFd, mem: &GuestRam) -> Result<(), MemoryError> {
     for (slot, region) in mem.iter().enumerate() {
         let slot = slot as u32;
         let region_desc = kvm_userspace_memory_region {
@@ -63,7 +69,7 @@ pub fn register_memory_slots(vm: &VmFd, mem: &GuestMemoryMmap) -> Result<(), Mem
 
 /// Throws away all guest RAM contents: the next access of any page reads zeroes. Used on guest
 /// reset before the kernel is loaded again.
-pub fn discard_guest_memory(mem: &GuestMemoryMmap) -> Result<(), MemoryError> {
+pub fn discard_guest_memory(mem: &GuestRam) -> Result<(), MemoryError> {
     for region in mem.iter() {
         // SAFETY: the range is exactly one private anonymous mapping owned by `mem`; with
         // MADV_DONTNEED its pages are replaced by zero-fill-on-demand pages, which is the

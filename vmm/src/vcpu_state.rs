@@ -27,83 +27,15 @@ const TSC_KHZ_TOLERANCE_PPM: u64 = 250;
 /// Errors while saving or restoring a vCPU's state; each names the step that failed.
 #[derive(Debug, thiserror::Error)]
 pub enum VcpuStateError {
-    /// KVM_GET_MP_STATE failed.
-    #[error("vCPU {index}: cannot read the MP state: {source}")]
-    GetMpState {
+    /// A KVM vCPU ioctl of the save or restore failed (for KVM_GET_XCRS, on a host that has
+    /// XCRs; for KVM_GET_MSRS and KVM_SET_MSRS, outright, not just refusing one MSR; for
+    /// KVM_KVMCLOCK_CTRL, with something other than EINVAL, kvmclock not in use).
+    #[error("vCPU {index}: cannot {step}: {source}")]
+    Kvm {
         /// The vCPU.
         index: u8,
-        /// The KVM error.
-        source: kvm_ioctls::Error,
-    },
-    /// KVM_GET_REGS failed.
-    #[error("vCPU {index}: cannot read the registers: {source}")]
-    GetRegs {
-        /// The vCPU.
-        index: u8,
-        /// The KVM error.
-        source: kvm_ioctls::Error,
-    },
-    /// KVM_GET_SREGS failed.
-    #[error("vCPU {index}: cannot read the special registers: {source}")]
-    GetSregs {
-        /// The vCPU.
-        index: u8,
-        /// The KVM error.
-        source: kvm_ioctls::Error,
-    },
-    /// KVM_GET_XSAVE failed.
-    #[error("vCPU {index}: cannot read the XSAVE area: {source}")]
-    GetXsave {
-        /// The vCPU.
-        index: u8,
-        /// The KVM error.
-        source: kvm_ioctls::Error,
-    },
-    /// KVM_GET_XCRS failed on a host that has XCRs.
-    #[error("vCPU {index}: cannot read the XCRs: {source}")]
-    GetXcrs {
-        /// The vCPU.
-        index: u8,
-        /// The KVM error.
-        source: kvm_ioctls::Error,
-    },
-    /// KVM_GET_DEBUGREGS failed.
-    #[error("vCPU {index}: cannot read the debug registers: {source}")]
-    GetDebugRegs {
-        /// The vCPU.
-        index: u8,
-        /// The KVM error.
-        source: kvm_ioctls::Error,
-    },
-    /// KVM_GET_LAPIC failed.
-    #[error("vCPU {index}: cannot read the local APIC: {source}")]
-    GetLapic {
-        /// The vCPU.
-        index: u8,
-        /// The KVM error.
-        source: kvm_ioctls::Error,
-    },
-    /// KVM_GET_CPUID2 failed.
-    #[error("vCPU {index}: cannot read CPUID: {source}")]
-    GetCpuid {
-        /// The vCPU.
-        index: u8,
-        /// The KVM error.
-        source: kvm_ioctls::Error,
-    },
-    /// KVM_GET_MSRS failed outright (not just refusing one MSR).
-    #[error("vCPU {index}: cannot read the MSRs: {source}")]
-    GetMsrs {
-        /// The vCPU.
-        index: u8,
-        /// The KVM error.
-        source: kvm_ioctls::Error,
-    },
-    /// KVM_GET_VCPU_EVENTS failed.
-    #[error("vCPU {index}: cannot read the pending events: {source}")]
-    GetVcpuEvents {
-        /// The vCPU.
-        index: u8,
+        /// What the ioctl does, e.g. "read the MP state" for KVM_GET_MP_STATE.
+        step: &'static str,
         /// The KVM error.
         source: kvm_ioctls::Error,
     },
@@ -137,78 +69,6 @@ pub enum VcpuStateError {
         /// The KVM error.
         source: kvm_ioctls::Error,
     },
-    /// KVM_SET_CPUID2 failed.
-    #[error("vCPU {index}: cannot set CPUID: {source}")]
-    SetCpuid {
-        /// The vCPU.
-        index: u8,
-        /// The KVM error.
-        source: kvm_ioctls::Error,
-    },
-    /// KVM_SET_MP_STATE failed.
-    #[error("vCPU {index}: cannot set the MP state: {source}")]
-    SetMpState {
-        /// The vCPU.
-        index: u8,
-        /// The KVM error.
-        source: kvm_ioctls::Error,
-    },
-    /// KVM_SET_REGS failed.
-    #[error("vCPU {index}: cannot set the registers: {source}")]
-    SetRegs {
-        /// The vCPU.
-        index: u8,
-        /// The KVM error.
-        source: kvm_ioctls::Error,
-    },
-    /// KVM_SET_SREGS failed.
-    #[error("vCPU {index}: cannot set the special registers: {source}")]
-    SetSregs {
-        /// The vCPU.
-        index: u8,
-        /// The KVM error.
-        source: kvm_ioctls::Error,
-    },
-    /// KVM_SET_XSAVE failed.
-    #[error("vCPU {index}: cannot set the XSAVE area: {source}")]
-    SetXsave {
-        /// The vCPU.
-        index: u8,
-        /// The KVM error.
-        source: kvm_ioctls::Error,
-    },
-    /// KVM_SET_XCRS failed.
-    #[error("vCPU {index}: cannot set the XCRs: {source}")]
-    SetXcrs {
-        /// The vCPU.
-        index: u8,
-        /// The KVM error.
-        source: kvm_ioctls::Error,
-    },
-    /// KVM_SET_DEBUGREGS failed.
-    #[error("vCPU {index}: cannot set the debug registers: {source}")]
-    SetDebugRegs {
-        /// The vCPU.
-        index: u8,
-        /// The KVM error.
-        source: kvm_ioctls::Error,
-    },
-    /// KVM_SET_LAPIC failed.
-    #[error("vCPU {index}: cannot set the local APIC: {source}")]
-    SetLapic {
-        /// The vCPU.
-        index: u8,
-        /// The KVM error.
-        source: kvm_ioctls::Error,
-    },
-    /// KVM_SET_MSRS failed outright.
-    #[error("vCPU {index}: cannot set the MSRs: {source}")]
-    SetMsrs {
-        /// The vCPU.
-        index: u8,
-        /// The KVM error.
-        source: kvm_ioctls::Error,
-    },
     /// KVM_SET_MSRS refused one MSR of the saved state.
     #[error("vCPU {index}: KVM refuses to set MSR {msr:#x} to {data:#x}")]
     MsrRefused {
@@ -219,22 +79,17 @@ pub enum VcpuStateError {
         /// The value.
         data: u64,
     },
-    /// KVM_SET_VCPU_EVENTS failed.
-    #[error("vCPU {index}: cannot set the pending events: {source}")]
-    SetVcpuEvents {
-        /// The vCPU.
-        index: u8,
-        /// The KVM error.
-        source: kvm_ioctls::Error,
-    },
-    /// KVM_KVMCLOCK_CTRL failed with something other than EINVAL (kvmclock not in use).
-    #[error("vCPU {index}: cannot tell the guest's kvmclock it was paused: {source}")]
-    KvmclockCtrl {
-        /// The vCPU.
-        index: u8,
-        /// The KVM error.
-        source: kvm_ioctls::Error,
-    },
+}
+
+impl VcpuStateError {
+    /// For `map_err`: a failed KVM ioctl of vCPU `index`, doing `step`.
+    fn kvm(index: u8, step: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> Self {
+        move |source| VcpuStateError::Kvm {
+            index,
+            step,
+            source,
+        }
+    }
 }
 
 /// One MSR and its value.
@@ -265,32 +120,32 @@ pub struct CpuidEntry {
     pub edx: u32,
 }
 
+/// Builds a `$to` ([`CpuidEntry`] or [`kvm_cpuid_entry2`]) from `$e`, the other one: the
+/// fields have the same names in both; `$rest` fills what only the target has.
+macro_rules! cpuid_entry {
+    ($to:ident, $e:ident $(, ..$rest:expr)?) => {
+        $to {
+            function: $e.function,
+            index: $e.index,
+            flags: $e.flags,
+            eax: $e.eax,
+            ebx: $e.ebx,
+            ecx: $e.ecx,
+            edx: $e.edx,
+            $(..$rest)?
+        }
+    };
+}
+
 impl From<&kvm_cpuid_entry2> for CpuidEntry {
     fn from(e: &kvm_cpuid_entry2) -> Self {
-        CpuidEntry {
-            function: e.function,
-            index: e.index,
-            flags: e.flags,
-            eax: e.eax,
-            ebx: e.ebx,
-            ecx: e.ecx,
-            edx: e.edx,
-        }
+        cpuid_entry!(CpuidEntry, e)
     }
 }
 
 impl From<&CpuidEntry> for kvm_cpuid_entry2 {
     fn from(e: &CpuidEntry) -> Self {
-        kvm_cpuid_entry2 {
-            function: e.function,
-            index: e.index,
-            flags: e.flags,
-            eax: e.eax,
-            ebx: e.ebx,
-            ecx: e.ecx,
-            edx: e.edx,
-            ..Default::default()
-        }
+        cpuid_entry!(kvm_cpuid_entry2, e, ..Default::default())
     }
 }
 
@@ -473,32 +328,25 @@ impl Vcpu {
     /// paused (no exit half-emulated). MP_STATE is read first and VCPU_EVENTS last.
     pub fn save_state(&mut self) -> Result<VcpuState, VcpuStateError> {
         let index = self.index();
+        let failed = |step| VcpuStateError::kvm(index, step);
         let fd = self.fd();
-        let mp_state = fd
-            .get_mp_state()
-            .map_err(|source| VcpuStateError::GetMpState { index, source })?;
-        let regs = fd
-            .get_regs()
-            .map_err(|source| VcpuStateError::GetRegs { index, source })?;
+        let mp_state = fd.get_mp_state().map_err(failed("read the MP state"))?;
+        let regs = fd.get_regs().map_err(failed("read the registers"))?;
         let sregs = fd
             .get_sregs()
-            .map_err(|source| VcpuStateError::GetSregs { index, source })?;
-        let xsave = fd
-            .get_xsave()
-            .map_err(|source| VcpuStateError::GetXsave { index, source })?;
+            .map_err(failed("read the special registers"))?;
+        let xsave = fd.get_xsave().map_err(failed("read the XSAVE area"))?;
         let xcrs = self.save_xcrs()?;
         let debugregs = fd
             .get_debug_regs()
-            .map_err(|source| VcpuStateError::GetDebugRegs { index, source })?;
-        let lapic = fd
-            .get_lapic()
-            .map_err(|source| VcpuStateError::GetLapic { index, source })?;
+            .map_err(failed("read the debug registers"))?;
+        let lapic = fd.get_lapic().map_err(failed("read the local APIC"))?;
         let tsc_khz = fd.get_tsc_khz().ok();
         let cpuid = self.save_cpuid()?;
         let msrs = self.save_msrs()?;
         let vcpu_events = fd
             .get_vcpu_events()
-            .map_err(|source| VcpuStateError::GetVcpuEvents { index, source })?;
+            .map_err(failed("read the pending events"))?;
         Ok(VcpuState {
             index,
             mp_state,
@@ -518,12 +366,10 @@ impl Vcpu {
     /// XCR0 and friends, or `None` on a host without XCRs (KVM_CAP_XCRS).
     fn save_xcrs(&self) -> Result<Option<kvm_xcrs>, VcpuStateError> {
         match self.fd().get_xcrs() {
-            Ok(xcrs) => Ok(Some(xcrs)),
             Err(e) if e.errno() == libc::EINVAL || e.errno() == libc::ENOTTY => Ok(None),
-            Err(source) => Err(VcpuStateError::GetXcrs {
-                index: self.index(),
-                source,
-            }),
+            result => result
+                .map(Some)
+                .map_err(VcpuStateError::kvm(self.index(), "read the XCRs")),
         }
     }
 
@@ -531,10 +377,7 @@ impl Vcpu {
         let cpuid = self
             .fd()
             .get_cpuid2(KVM_MAX_CPUID_ENTRIES)
-            .map_err(|source| VcpuStateError::GetCpuid {
-                index: self.index(),
-                source,
-            })?;
+            .map_err(VcpuStateError::kvm(self.index(), "read CPUID"))?;
         Ok(cpuid.as_slice().iter().map(CpuidEntry::from).collect())
     }
 
@@ -553,10 +396,7 @@ impl Vcpu {
             let read = self
                 .fd()
                 .get_msrs(&mut msrs)
-                .map_err(|source| VcpuStateError::GetMsrs {
-                    index: self.index(),
-                    source,
-                })?
+                .map_err(VcpuStateError::kvm(self.index(), "read the MSRs"))?
                 .min(chunk.len());
             saved.extend(msrs.as_slice()[..read].iter().map(|e| MsrValue {
                 index: e.index,
@@ -607,26 +447,25 @@ impl Vcpu {
         }
         self.restore_tsc_khz(state.tsc_khz)?;
         self.restore_cpuid(&state.cpuid)?;
+        let failed = |step| VcpuStateError::kvm(index, step);
         let fd = self.fd();
         fd.set_mp_state(state.mp_state)
-            .map_err(|source| VcpuStateError::SetMpState { index, source })?;
+            .map_err(failed("set the MP state"))?;
         fd.set_regs(&state.regs)
-            .map_err(|source| VcpuStateError::SetRegs { index, source })?;
+            .map_err(failed("set the registers"))?;
         fd.set_sregs(&state.sregs)
-            .map_err(|source| VcpuStateError::SetSregs { index, source })?;
+            .map_err(failed("set the special registers"))?;
         // SAFETY: Skiff never asks for dynamically enabled XSTATE features
         // (ARCH_REQ_XCOMP_GUEST_PERM), so KVM's XSAVE size is at most the 4 KiB of
         // `kvm_xsave` and the kernel reads no further than the structure passed.
-        unsafe { fd.set_xsave(&state.xsave) }
-            .map_err(|source| VcpuStateError::SetXsave { index, source })?;
+        unsafe { fd.set_xsave(&state.xsave) }.map_err(failed("set the XSAVE area"))?;
         if let Some(xcrs) = &state.xcrs {
-            fd.set_xcrs(xcrs)
-                .map_err(|source| VcpuStateError::SetXcrs { index, source })?;
+            fd.set_xcrs(xcrs).map_err(failed("set the XCRs"))?;
         }
         fd.set_debug_regs(&state.debugregs)
-            .map_err(|source| VcpuStateError::SetDebugRegs { index, source })?;
+            .map_err(failed("set the debug registers"))?;
         fd.set_lapic(&state.lapic)
-            .map_err(|source| VcpuStateError::SetLapic { index, source })?;
+            .map_err(failed("set the local APIC"))?;
         let (msrs, deferred) = split_deferred(&state.msrs);
         self.restore_msrs(&msrs)?;
         self.restore_msrs(&deferred)?;
@@ -668,10 +507,7 @@ impl Vcpu {
         })?;
         self.fd()
             .set_cpuid2(&cpuid)
-            .map_err(|source| VcpuStateError::SetCpuid {
-                index: self.index(),
-                source,
-            })
+            .map_err(VcpuStateError::kvm(self.index(), "set CPUID"))
     }
 
     /// Writes `msrs` in chunks, in order; an MSR KVM refuses is an error naming it.
@@ -681,10 +517,7 @@ impl Vcpu {
             let written = self
                 .fd()
                 .set_msrs(&list)
-                .map_err(|source| VcpuStateError::SetMsrs {
-                    index: self.index(),
-                    source,
-                })?;
+                .map_err(VcpuStateError::kvm(self.index(), "set the MSRs"))?;
             if let Some(refused) = chunk.get(written) {
                 return Err(VcpuStateError::MsrRefused {
                     index: self.index(),
@@ -704,22 +537,18 @@ impl Vcpu {
         events.flags |= KVM_VCPUEVENT_VALID_NMI_PENDING;
         self.fd()
             .set_vcpu_events(&events)
-            .map_err(|source| VcpuStateError::SetVcpuEvents {
-                index: self.index(),
-                source,
-            })
+            .map_err(VcpuStateError::kvm(self.index(), "set the pending events"))
     }
 
     /// KVM_KVMCLOCK_CTRL: tells a guest using kvmclock that it was paused, so its watchdogs
     /// do not fire. EINVAL (the guest does not use kvmclock) is not an error.
     pub fn notify_kvmclock_paused(&self) -> Result<(), VcpuStateError> {
         match self.fd().kvmclock_ctrl() {
-            Ok(()) => Ok(()),
             Err(e) if e.errno() == libc::EINVAL => Ok(()),
-            Err(source) => Err(VcpuStateError::KvmclockCtrl {
-                index: self.index(),
-                source,
-            }),
+            result => result.map_err(VcpuStateError::kvm(
+                self.index(),
+                "tell the guest's kvmclock it was paused",
+            )),
         }
     }
 }
@@ -731,9 +560,10 @@ pub(crate) mod tests {
     use crate::arch::regs::BootProtocol;
     use crate::kvm_vm::KvmVm;
     use crate::loader::BootEntry;
+    use crate::memory::GuestRam;
     use kvm_bindings::{KVM_VCPUEVENT_VALID_SHADOW, KVM_X86_SHADOW_INT_MOV_SS};
     use kvm_ioctls::VcpuExit;
-    use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+    use vm_memory::{Bytes, GuestAddress};
 
     /// LAPIC registers compared after a restore (ID, TPR, LDR, DFR, SVR, LVT timer, LINT0,
     /// LINT1, LVT error, timer divide).
@@ -767,7 +597,7 @@ pub(crate) mod tests {
     pub(crate) struct TestVm {
         pub vcpus: Vec<Vcpu>,
         pub kvm: KvmVm,
-        pub mem: GuestMemoryMmap,
+        pub mem: GuestRam,
     }
 
     /// A VM with `num_cpus` vCPUs and 1 MiB of RAM, or `None` without /dev/kvm.
@@ -776,7 +606,7 @@ pub(crate) mod tests {
             eprintln!("SKIPPED: /dev/kvm is not available");
             return None;
         }
-        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MIB as usize)]).unwrap();
+        let mem = GuestRam::from_ranges(&[(GuestAddress(0), MIB as usize)]).unwrap();
         let kvm = KvmVm::new(&mem).unwrap();
         let vcpus = (0..num_cpus)
             .map(|i| Vcpu::new(&kvm, i, num_cpus).unwrap())

@@ -495,9 +495,6 @@ impl VirtioEvents {
         }
         let mut machine = self.vm.lock();
         machine.virtio_notify(*slot, *queue);
-        drop(machine);
-        // Device writes to guest RAM are not in KVM's dirty log.
-        self.vm.migration().note_ram_rewritten();
     }
 
     fn handle_tap(&self, index: usize) {
@@ -505,7 +502,6 @@ impl VirtioEvents {
             return;
         };
         self.vm.lock().virtio_backend_ready(tap.slot);
-        self.vm.migration().note_ram_rewritten();
     }
 
     /// Polls each tap exactly when its device can take input.

@@ -7,8 +7,9 @@ use std::sync::{Arc, OnceLock};
 use api::{Event, ShutdownCause};
 use std::time::Duration;
 
+use crate::memory::GuestRam;
 use devices::power::PowerControl;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::kvm_vm::{KvmVm, VmError};
@@ -81,7 +82,7 @@ pub struct Vm {
     vcpu_event: EventFd,
     control: EventFd,
     events: OnceLock<EventSink>,
-    memory: GuestMemoryMmap,
+    memory: GuestRam,
     kvm: KvmVm,
     image: GuestImage,
     name: Option<String>,
@@ -93,7 +94,7 @@ impl Vm {
     pub fn new(
         machine: Machine,
         power: Arc<PowerControl>,
-        memory: GuestMemoryMmap,
+        memory: GuestRam,
         kvm: KvmVm,
         image: GuestImage,
         name: Option<String>,
@@ -138,7 +139,7 @@ impl Vm {
     }
 
     /// Guest RAM.
-    pub fn memory(&self) -> &GuestMemoryMmap {
+    pub fn memory(&self) -> &GuestRam {
         &self.memory
     }
 
@@ -425,10 +426,10 @@ impl Vm {
         Self::check_paused(machine)?;
         let vm = self.kvm.save_state()?;
         // Queue notifications still in their ioeventfds are processed now, so the saved
-        // queues hold no request the destination would never hear about.
-        if crate::virtio::complete_pending(machine) {
-            self.migration.note_ram_rewritten();
-        }
+        // queues hold no request the destination would never hear about. What the devices
+        // write to guest RAM meanwhile is in the VMM's dirty bitmap, which migration reads
+        // after this.
+        crate::virtio::complete_pending(machine);
         let devices = machine.save_devices()?;
         Ok(MachineState { vcpus, vm, devices })
     }

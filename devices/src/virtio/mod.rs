@@ -19,6 +19,7 @@ use std::sync::Arc;
 
 use serde::de::DeserializeOwned;
 use serde::Serialize;
+use vm_memory::bitmap::AtomicBitmap;
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
@@ -32,7 +33,7 @@ pub mod net;
 pub mod rng;
 
 /// The guest memory type the devices operate on.
-pub type GuestMemory = GuestMemoryMmap<()>;
+pub type GuestMemory = GuestMemoryMmap<AtomicBitmap>;
 
 /// Feature bit: the device conforms to virtio 1.x (mandatory for the mmio version 2 transport).
 pub const VIRTIO_F_VERSION_1: u64 = 1 << virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;

@@ -23,6 +23,7 @@
 //! Layout: the RSDP at [`ACPI_RSDP_START`], then from [`ACPI_TABLES_START`] the DSDT, FADT,
 //! MADT and XSDT, each 8-byte aligned, below [`ACPI_TABLES_END`].
 
+use crate::memory::GuestRam;
 use acpi_tables::aml;
 use acpi_tables::fadt::{FADTBuilder, Flags as FadtFlag};
 use acpi_tables::gas::{AccessSize, AddressSpace, GAS};
@@ -39,7 +40,7 @@ use devices::acpi::{
 use devices::legacy::cmos::{CMOS_PORT_BASE, CMOS_PORT_LEN};
 use devices::legacy::i8042::I8042_PORT_BASE;
 use devices::legacy::serial::{COM1_GSI, COM1_PORT_BASE, COM1_PORT_LEN};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryError, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryError};
 
 use super::layout::{
     ACPI_GED_SIZE, ACPI_GED_START, ACPI_PM_PORT, ACPI_RSDP_START, ACPI_TABLES_END,
@@ -511,7 +512,7 @@ fn xsdt(entries: &[GuestAddress]) -> Vec<u8> {
 
 /// Places tables one after the other in the tables area and writes them to guest memory.
 struct TableWriter<'a> {
-    mem: &'a GuestMemoryMmap,
+    mem: &'a GuestRam,
     next: u64,
 }
 
@@ -538,7 +539,7 @@ const _: () = assert!(ACPI_RSDP_START.0 + RSDP_LEN <= ACPI_TABLES_START.0);
 /// returns the address of the RSDP (for the zero page's `acpi_rsdp_addr` or the PVH start
 /// info's `rsdp_paddr`).
 pub fn create_acpi_tables(
-    mem: &GuestMemoryMmap,
+    mem: &GuestRam,
     num_cpus: u8,
     virtio: &[VirtioMmioWindow],
 ) -> Result<GuestAddress, AcpiError> {
@@ -574,8 +575,8 @@ mod tests {
 
     use crate::arch::layout::MIB;
 
-    fn guest_memory() -> GuestMemoryMmap {
-        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 2 * MIB as usize)]).unwrap()
+    fn guest_memory() -> GuestRam {
+        GuestRam::from_ranges(&[(GuestAddress(0), 2 * MIB as usize)]).unwrap()
     }
 
     fn sum(bytes: &[u8]) -> u8 {
@@ -595,7 +596,7 @@ mod tests {
     }
 
     /// Reads the whole SDT at `addr` from guest memory (its length is in its header).
-    fn read_table(mem: &GuestMemoryMmap, addr: u64) -> Vec<u8> {
+    fn read_table(mem: &GuestRam, addr: u64) -> Vec<u8> {
         let mut header = [0u8; SDT_HEADER_LEN];
         mem.read_slice(&mut header, GuestAddress(addr)).unwrap();
         let mut table = vec![0u8; u32_at(&header, 4) as usize];
@@ -848,7 +849,7 @@ mod tests {
     #[test]
     fn missing_memory_is_an_error() {
         // Guest memory that ends before the tables area.
-        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x80000)]).unwrap();
+        let mem = GuestRam::from_ranges(&[(GuestAddress(0), 0x80000)]).unwrap();
         assert!(matches!(
             create_acpi_tables(&mem, 1, &[]),
             Err(AcpiError::Write { table: "DSDT", .. })

@@ -1,6 +1,7 @@
 //! What the kernel reads at entry: the e820 memory map, and the zero page (Linux 64-bit boot
 //! protocol) or the `hvm_start_info` structure (PVH).
 
+use crate::memory::GuestRam;
 use linux_loader::configurator::linux::LinuxBootConfigurator;
 use linux_loader::configurator::pvh::PvhBootConfigurator;
 use linux_loader::configurator::{BootConfigurator, BootParams};
@@ -8,7 +9,7 @@ use linux_loader::loader::bootparam::{boot_e820_entry, boot_params, setup_header
 use linux_loader::loader::elf::start_info::{
     hvm_memmap_table_entry, hvm_modlist_entry, hvm_start_info,
 };
-use vm_memory::{ByteValued, GuestAddress, GuestMemoryMmap};
+use vm_memory::{ByteValued, GuestAddress};
 
 use super::layout::{
     ram_regions, BASE_RAM_END, BIOS_ROM_START, CMDLINE_START, HIMEM_START, MPTABLE_START,
@@ -102,7 +103,7 @@ pub struct InitrdPlacement {
 /// Writes the zero page for the Linux 64-bit boot protocol. `header` is the bzImage's own
 /// setup header, or `None` for an ELF vmlinux.
 pub fn write_zero_page(
-    mem: &GuestMemoryMmap,
+    mem: &GuestRam,
     mem_size: u64,
     header: Option<setup_header>,
     cmdline_size: usize,
@@ -148,7 +149,7 @@ pub fn write_zero_page(
 
 /// Writes the PVH start info, its memory map and the initrd module entry.
 pub fn write_pvh_start_info(
-    mem: &GuestMemoryMmap,
+    mem: &GuestRam,
     mem_size: u64,
     initrd: Option<InitrdPlacement>,
     rsdp: Option<GuestAddress>,
@@ -241,7 +242,7 @@ mod tests {
 
     #[test]
     fn zero_page_fields() {
-        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), (16 * MIB) as usize)]).unwrap();
+        let mem = GuestRam::from_ranges(&[(GuestAddress(0), (16 * MIB) as usize)]).unwrap();
         let initrd = InitrdPlacement {
             addr: GuestAddress(0xf0_0000),
             size: 0x1234,
@@ -267,7 +268,7 @@ mod tests {
 
     #[test]
     fn pvh_start_info_fields() {
-        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), (16 * MIB) as usize)]).unwrap();
+        let mem = GuestRam::from_ranges(&[(GuestAddress(0), (16 * MIB) as usize)]).unwrap();
         let initrd = InitrdPlacement {
             addr: GuestAddress(0xf0_0000),
             size: 0x1000,

@@ -6,7 +6,9 @@
 //! bus, one IOAPIC, one I/O interrupt entry per IOAPIC pin and the two local interrupt entries
 //! of the virtual-wire mode.
 
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
+
+use crate::memory::GuestRam;
 
 use super::layout::{APIC_START, BIOS_ROM_START, IOAPIC_START, MPTABLE_START};
 
@@ -146,7 +148,7 @@ fn floating_pointer(table_addr: u32) -> [u8; FLOATING_POINTER_SIZE] {
 }
 
 /// Writes the MP table for `num_cpus` vCPUs at [`MPTABLE_START`].
-pub fn setup_mptable(mem: &GuestMemoryMmap, num_cpus: u8) -> Result<(), MptableError> {
+pub fn setup_mptable(mem: &GuestRam, num_cpus: u8) -> Result<(), MptableError> {
     if num_cpus == 0 || num_cpus > MAX_CPUS {
         return Err(MptableError::TooManyCpus(num_cpus));
     }
@@ -172,7 +174,7 @@ mod tests {
 
     #[test]
     fn checksums_are_zero_and_sizes_right() {
-        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MIB as usize)]).unwrap();
+        let mem = GuestRam::from_ranges(&[(GuestAddress(0), MIB as usize)]).unwrap();
         for cpus in [1u8, 2, 4, 32] {
             setup_mptable(&mem, cpus).unwrap();
             let mut fp = [0u8; 16];
@@ -210,7 +212,7 @@ mod tests {
 
     #[test]
     fn rejects_bad_cpu_counts() {
-        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MIB as usize)]).unwrap();
+        let mem = GuestRam::from_ranges(&[(GuestAddress(0), MIB as usize)]).unwrap();
         assert!(matches!(
             setup_mptable(&mem, 0),
             Err(MptableError::TooManyCpus(0))

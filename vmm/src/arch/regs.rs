@@ -1,11 +1,12 @@
 //! The boot state of a vCPU: GDT, IDT, page tables, segment, control and general registers,
 //! FPU, boot MSRs and the local APIC's LINT pins. One small function per step.
 
+use crate::memory::GuestRam;
 use kvm_bindings::{
     kvm_fpu, kvm_lapic_state, kvm_msr_entry, kvm_regs, kvm_segment, kvm_sregs, Msrs,
 };
 use kvm_ioctls::VcpuFd;
-use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Address, Bytes, GuestAddress};
 
 use super::layout::{
     BOOT_GDT_ENTRIES, BOOT_GDT_START, BOOT_IDT_START, BOOT_PD_COUNT, BOOT_STACK_POINTER,
@@ -170,10 +171,7 @@ fn segment_from_gdt(entry: u64, table_index: u8) -> kvm_segment {
 }
 
 /// Writes the GDT and the empty IDT to guest memory.
-pub fn write_descriptor_tables(
-    mem: &GuestMemoryMmap,
-    protocol: BootProtocol,
-) -> Result<(), RegsError> {
+pub fn write_descriptor_tables(mem: &GuestRam, protocol: BootProtocol) -> Result<(), RegsError> {
     for (index, entry) in boot_gdt(protocol).iter().enumerate() {
         let addr = BOOT_GDT_START.unchecked_add(index as u64 * 8);
         mem.write_obj(*entry, addr).map_err(RegsError::WriteGdt)?;
@@ -183,7 +181,7 @@ pub fn write_descriptor_tables(
 }
 
 /// Writes page tables identity-mapping the first [`BOOT_PD_COUNT`] GiB with 2 MiB pages.
-pub fn write_page_tables(mem: &GuestMemoryMmap) -> Result<(), RegsError> {
+pub fn write_page_tables(mem: &GuestRam) -> Result<(), RegsError> {
     let table_flags = PTE_PRESENT | PTE_WRITABLE;
     mem.write_obj(PDPT_START.0 | table_flags, PML4_START)
         .map_err(RegsError::WritePageTables)?;
@@ -371,8 +369,8 @@ mod tests {
     use super::*;
     use crate::arch::layout::MIB;
 
-    fn guest_memory() -> GuestMemoryMmap {
-        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), (16 * MIB) as usize)]).unwrap()
+    fn guest_memory() -> GuestRam {
+        GuestRam::from_ranges(&[(GuestAddress(0), (16 * MIB) as usize)]).unwrap()
     }
 
     #[test]

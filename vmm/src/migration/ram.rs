@@ -3,9 +3,10 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use crate::memory::GuestRam;
 use kvm_bindings::{kvm_userspace_memory_region, KVM_MEM_LOG_DIRTY_PAGES};
 use kvm_ioctls::VmFd;
-use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
 /// Migration moves guest RAM in pages of this size.
 pub const PAGE_SIZE: usize = 4096;
@@ -61,7 +62,7 @@ pub struct RamMap {
 
 impl RamMap {
     /// The numbering of `mem`'s regions, in order (slot i = region i, as registered).
-    pub fn new(mem: &GuestMemoryMmap) -> Self {
+    pub fn new(mem: &GuestRam) -> Self {
         let mut regions = Vec::new();
         let mut pages = 0;
         for region in mem.iter() {
@@ -279,26 +280,40 @@ impl RamMap {
         Ok(())
     }
 
-    /// ORs KVM's dirty log (which KVM then clears) into `dirty`.
-    pub fn sync_dirty_log(&self, vm: &VmFd, dirty: &mut Bitmap) -> Result<(), RamError> {
-        for (slot, r) in self.regions.iter().enumerate() {
+    /// ORs KVM's dirty log (the guest's writes) and the VMM's own dirty bitmap (device
+    /// writes through vm-memory) into `dirty`; both are cleared as they are read.
+    pub fn sync_dirty_log(
+        &self,
+        vm: &VmFd,
+        mem: &GuestRam,
+        dirty: &mut Bitmap,
+    ) -> Result<(), RamError> {
+        for (slot, (r, region)) in self.regions.iter().zip(mem.iter()).enumerate() {
             let slot = slot as u32;
             let log = vm
                 .get_dirty_log(slot, r.len as usize)
                 .map_err(|source| RamError::DirtyLog { slot, source })?;
-            for (word_index, word) in log.iter().enumerate() {
-                let mut bits = *word;
-                while bits != 0 {
-                    let bit = bits.trailing_zeros() as usize;
-                    bits &= bits - 1;
-                    let page = word_index * 64 + bit;
-                    if page < r.pages() {
-                        dirty.set(r.first_page + page);
-                    }
+            Self::or_bits(r, &log, dirty);
+            // The region's own bitmap (MmapRegion::bitmap), not the trait's slice of it.
+            let vmm_writes = std::ops::Deref::deref(region).bitmap().get_and_reset();
+            Self::or_bits(r, &vmm_writes, dirty);
+        }
+        Ok(())
+    }
+
+    /// Sets in `dirty` the pages of region `r` whose bits are set in `words`.
+    fn or_bits(r: &Region, words: &[u64], dirty: &mut Bitmap) {
+        for (word_index, word) in words.iter().enumerate() {
+            let mut bits = *word;
+            while bits != 0 {
+                let bit = bits.trailing_zeros() as usize;
+                bits &= bits - 1;
+                let page = word_index * 64 + bit;
+                if page < r.pages() {
+                    dirty.set(r.first_page + page);
                 }
             }
         }
-        Ok(())
     }
 }
 
@@ -572,6 +587,30 @@ mod tests {
         assert_eq!(ram.run(8 * MIB - 4096, 2), None);
         let host = ram.host(7).unwrap() as u64;
         assert_eq!(ram.page_of_host(host + 100), Some(7));
+    }
+
+    #[test]
+    fn vmm_writes_are_dirty() {
+        use vm_memory::Bytes;
+        let Ok(kvm) = kvm_ioctls::Kvm::new() else {
+            return;
+        };
+        let mem = create_guest_memory(4 * MIB).unwrap();
+        let vm = kvm.create_vm().unwrap();
+        crate::memory::register_memory_slots(&vm, &mem).unwrap();
+        let ram = RamMap::new(&mem);
+        ram.set_dirty_logging(&vm, true).unwrap();
+        let mut dirty = Bitmap::new(ram.pages());
+        ram.sync_dirty_log(&vm, &mem, &mut dirty).unwrap();
+        dirty = Bitmap::new(ram.pages());
+        mem.write_obj(7u32, vm_memory::GuestAddress(5 * 4096 + 8))
+            .unwrap();
+        ram.sync_dirty_log(&vm, &mem, &mut dirty).unwrap();
+        assert_eq!(dirty.count(), 1);
+        assert!(dirty.get(5));
+        let mut again = Bitmap::new(ram.pages());
+        ram.sync_dirty_log(&vm, &mem, &mut again).unwrap();
+        assert_eq!(again.count(), 0, "the VMM's bitmap is cleared when read");
     }
 
     #[test]

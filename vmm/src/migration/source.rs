@@ -322,7 +322,7 @@ impl Source {
     /// Reads the dirty log into the dirty bitmap.
     fn sync_dirty(&mut self) -> Result<(), SourceError> {
         self.ram
-            .sync_dirty_log(self.vm.kvm().fd(), &mut self.dirty)?;
+            .sync_dirty_log(self.vm.kvm().fd(), self.vm.memory(), &mut self.dirty)?;
         if self.state.take_ram_rewritten() {
             self.dirty = Bitmap::full(self.ram.pages());
         }

@@ -6,7 +6,7 @@ use std::io::{self, Seek, SeekFrom};
 use std::os::unix::fs::MetadataExt;
 use std::os::unix::io::AsRawFd;
 
-use vm_memory::bitmap::Bitmap;
+use vm_memory::bitmap::{AtomicBitmap, Bitmap, BS};
 use vm_memory::{GuestAddress, GuestMemoryBackend, VolatileSlice};
 
 use super::super::GuestMemory;
@@ -110,7 +110,7 @@ impl DiskFile {
         mem: &GuestMemory,
         addr: GuestAddress,
         len: usize,
-        mut f: impl FnMut(&VolatileSlice<'_, ()>) -> Result<(), DiskError>,
+        mut f: impl FnMut(&VolatileSlice<'_, BS<'_, AtomicBitmap>>) -> Result<(), DiskError>,
     ) -> Result<(), DiskError> {
         for slice in GuestMemoryBackend::get_slices(mem, addr, len) {
             let slice = slice.map_err(|_| DiskError::GuestMemory(addr.0))?;
