@@ -52,6 +52,7 @@ use std::time::{Duration, Instant};
 use iced_x86::code_asm::*;
 use serde_json::{json, Value};
 
+use common::bench::{median, qemu_version};
 use common::guest::write_guest;
 use common::qmp_client::QmpClient;
 use common::TempDir;
@@ -301,7 +302,8 @@ fn spawn_side(
     let side = if incoming { "dst" } else { "src" };
     let qmp = paths.qmp(side);
     let log = paths.dir.join(format!("{side}.log"));
-    let cmd = match vmm {
+    // The command, and its option for the incoming migration address.
+    let (mut cmd, incoming_flag) = match vmm {
         Vmm::Skiff => {
             let mut cmd = Command::new(common::skiff_bin());
             let kernel = match ram {
@@ -320,14 +322,7 @@ fn spawn_side(
                 ))
                 .arg("--qmp")
                 .arg(format!("unix:{}", qmp.display()));
-            if incoming {
-                cmd.arg("--incoming")
-                    .arg(format!("unix:{}", paths.migration.display()));
-            }
-            if paused {
-                cmd.arg("-S");
-            }
-            cmd
+            (cmd, "--incoming")
         }
         Vmm::Qemu => {
             let mut cmd = Command::new("qemu-system-x86_64");
@@ -348,16 +343,16 @@ fn spawn_side(
                     ))
                     .args(["-machine", "memory-backend=ram"]);
             }
-            if incoming {
-                cmd.arg("-incoming")
-                    .arg(format!("unix:{}", paths.migration.display()));
-            }
-            if paused {
-                cmd.arg("-S");
-            }
-            cmd
+            (cmd, "-incoming")
         }
     };
+    if incoming {
+        cmd.arg(incoming_flag)
+            .arg(format!("unix:{}", paths.migration.display()));
+    }
+    if paused {
+        cmd.arg("-S");
+    }
     Proc::spawn(cmd, log)
 }
 
@@ -554,12 +549,6 @@ fn measure(
     Row::Samples(samples)
 }
 
-fn median(values: impl IntoIterator<Item = f64>) -> f64 {
-    let mut v: Vec<f64> = values.into_iter().collect();
-    v.sort_by(|a, b| a.total_cmp(b));
-    v[v.len() / 2]
-}
-
 /// Copies `bytes` over a Unix socket pair between two threads, `COPY_RUNS` times; GiB/s each.
 fn socket_copy_gib_s(bytes: usize) -> Vec<f64> {
     eprintln!("measuring the socket copy of {} MiB...", bytes >> 20);
@@ -695,21 +684,6 @@ fn postcopy_page_round_trip(
     rtts.sort_by(|a, b| a.total_cmp(b));
     let p99 = rtts[(rtts.len() * 99 / 100).min(rtts.len() - 1)];
     Ok((median(rtts.iter().copied()), p99))
-}
-
-fn qemu_version() -> Option<String> {
-    let out = Command::new("qemu-system-x86_64")
-        .arg("--version")
-        .stderr(Stdio::null())
-        .output()
-        .ok()?;
-    if !out.status.success() {
-        return None;
-    }
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .next()
-        .map(str::to_string)
 }
 
 /// QEMU's default `max-bandwidth` (B/s) and `downtime-limit` (ms), from

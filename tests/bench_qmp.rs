@@ -32,6 +32,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
+use common::bench::{median, qemu_version, sorted};
 use common::guest::write_guest;
 use common::qmp_client::QmpClient;
 use common::TempDir;
@@ -104,33 +105,8 @@ fn stop(mut child: Child) {
     let _ = child.wait();
 }
 
-fn qemu_version() -> Option<String> {
-    let out = Command::new("qemu-system-x86_64")
-        .arg("--version")
-        .stderr(Stdio::null())
-        .output()
-        .ok()?;
-    if !out.status.success() {
-        return None;
-    }
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .next()
-        .map(str::to_string)
-}
-
-fn sorted(mut values: Vec<f64>) -> Vec<f64> {
-    values.sort_by(|a, b| a.total_cmp(b));
-    values
-}
-
-fn median(values: &[f64]) -> f64 {
-    let v = sorted(values.to_vec());
-    v[v.len() / 2]
-}
-
 fn p99(values: &[f64]) -> f64 {
-    let v = sorted(values.to_vec());
+    let v = sorted(values);
     v[((v.len() as f64 - 1.0) * 0.99).round() as usize]
 }
 
@@ -448,7 +424,7 @@ fn main() {
     println!();
     println!("  distributions (µs): p50 / p90 / p99 / p99.9 / max");
     let dist = |name: &str, v: &[f64]| {
-        let v = sorted(v.to_vec());
+        let v = sorted(v);
         let at = |p: f64| v[((v.len() as f64 - 1.0) * p).round() as usize];
         println!(
             "    {name:<34} {:.1} / {:.1} / {:.1} / {:.1} / {:.1}",

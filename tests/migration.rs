@@ -235,6 +235,30 @@ impl Vmm {
             .unwrap_or_else(|e| panic!("{name}: {e}\n{}", self.skiff.dump()));
         (reply, started.elapsed())
     }
+
+    /// `exec-oob` of `name`, which must succeed; returns how long it took.
+    fn oob_ok(&mut self, name: &str, args: Value) -> Duration {
+        let (reply, took) = self.exec_oob(name, args);
+        assert_eq!(reply["return"], json!({}), "{name}: {reply}");
+        took
+    }
+
+    /// `exec-oob` of `name`, which must be refused.
+    fn oob_refused(&mut self, name: &str, args: Value) {
+        let (reply, _) = self.exec_oob(name, args);
+        assert!(reply.get("error").is_some(), "{name}: {reply}");
+    }
+
+    /// `migrate-recover` (out of band) on a paused postcopy destination, listening on `uri`;
+    /// returns how long the answer took.
+    fn recover(&mut self, uri: &str) -> Duration {
+        self.oob_ok("migrate-recover", json!({ "uri": uri }))
+    }
+
+    /// `migrate` with `resume`: a paused postcopy source reconnects to `uri`.
+    fn resume(&mut self, uri: &str) {
+        self.exec("migrate", json!({"uri": uri, "resume": true}));
+    }
 }
 
 /// The destination runs the guest on: its RAM passes the a-b check and keeps changing.
@@ -293,15 +317,24 @@ fn userfaultfd_available(test: &str) -> bool {
     }
 }
 
-/// A source running the guest and a destination listening on a unix socket, with the
-/// events capability (and postcopy-ram when `postcopy`) on both sides.
-struct Pair {
-    src: Vmm,
-    dest: Vmm,
-    uri: String,
+/// Starts test `name`: its timer (first, so it is dropped last), a temporary directory named
+/// after `tag`, and the migration guest in it.
+fn start_test(name: &'static str, tag: &str) -> (TestTimer, TempDir, PathBuf) {
+    let timer = TestTimer::start(name);
+    let dir = TempDir::new(tag);
+    let kernel = write_migration_guest(dir.path(), "guest.elf");
+    (timer, dir, kernel)
 }
 
-fn start_pair(dir: &TempDir, kernel: &Path, dest_extra: &[&str], postcopy: bool) -> Pair {
+/// A source running the guest (at least 3 passes done) and a destination listening on a unix
+/// socket, with the events capability (and postcopy-ram when `postcopy`) on both sides;
+/// returns them and the migration URI.
+fn start_pair(
+    dir: &TempDir,
+    kernel: &Path,
+    dest_extra: &[&str],
+    postcopy: bool,
+) -> (Vmm, Vmm, String) {
     let mut src = start_vmm(dir, "src", kernel, &vm_args(&[]));
     let uri = format!("unix:{}", dir.join("mig.sock").display());
     let mut dest_args = vec!["--incoming", uri.as_str()];
@@ -311,16 +344,28 @@ fn start_pair(dir: &TempDir, kernel: &Path, dest_extra: &[&str], postcopy: bool)
     src.set_capabilities(postcopy);
     dest.set_capabilities(postcopy);
     src.wait_guest_passes(dir, 3);
-    Pair { src, dest, uri }
+    (src, dest, uri)
 }
 
-/// Starts a precopy that cannot converge, waits for its first complete pass, then switches
-/// to postcopy with `postcopy_bandwidth` (0: unlimited) and waits for STOP on the source and
-/// (unless the destination was started with -S) RESUME on the destination.
-fn start_postcopy(pair: &mut Pair, postcopy_bandwidth: u64, dest_runs: bool) {
-    let Pair { src, dest, uri } = pair;
+/// A pair (see [`start_pair`]) in a slow precopy at 1 MiB/s, active for 200 ms.
+fn start_slow_precopy(dir: &TempDir, kernel: &Path) -> (Vmm, Vmm) {
+    let (mut src, dest, uri) = start_pair(dir, kernel, &[], false);
+    src.set_parameters(json!({"max-bandwidth": 1u64 << 20}));
+    src.exec("migrate", json!({ "uri": uri }));
+    src.wait_migration_event("active");
+    thread::sleep(Duration::from_millis(200));
+    (src, dest)
+}
+
+/// A pair (see [`start_pair`]; the destination started with -S unless `dest_runs`) in a
+/// postcopy that stays for minutes: starts a precopy that cannot converge, waits for its first
+/// complete pass, switches to postcopy at [`SLOW_POSTCOPY`] and waits for STOP on the source
+/// and (when `dest_runs`) RESUME on the destination, else for it to leave inmigrate.
+fn start_postcopy(dir: &TempDir, kernel: &Path, dest_runs: bool) -> (Vmm, Vmm) {
+    let dest_extra: &[&str] = if dest_runs { &[] } else { &["-S"] };
+    let (mut src, mut dest, uri) = start_pair(dir, kernel, dest_extra, true);
     src.set_parameters(json!({"max-bandwidth": SLOW_PRECOPY, "downtime-limit": 1,
-                              "max-postcopy-bandwidth": postcopy_bandwidth}));
+                              "max-postcopy-bandwidth": SLOW_POSTCOPY}));
     src.exec("migrate", json!({ "uri": uri }));
     src.take_event("MIGRATION_PASS 2", |e| {
         e["event"] == "MIGRATION_PASS" && e["data"]["pass"].as_i64() >= Some(2)
@@ -343,6 +388,80 @@ fn start_postcopy(pair: &mut Pair, postcopy_bandwidth: u64, dest_runs: bool) {
             thread::sleep(Duration::from_millis(5));
         }
     }
+    (src, dest)
+}
+
+/// Starts postcopy test `name` (see [`start_test`] and [`start_postcopy`]), or returns `None`
+/// having printed why this host cannot run it: a running destination needs vCPU faults on
+/// userfaultfd memory, a paused one userfaultfd itself.
+fn start_postcopy_test(
+    name: &'static str,
+    tag: &str,
+    dest_runs: bool,
+) -> Option<(TestTimer, TempDir, Vmm, Vmm)> {
+    let supported = if dest_runs {
+        postcopy_vcpu_faults_supported(name)
+    } else {
+        userfaultfd_available(name)
+    };
+    if !supported {
+        return None;
+    }
+    let (timer, dir, kernel) = start_test(name, tag);
+    let (src, dest) = start_postcopy(&dir, &kernel, dest_runs);
+    Some((timer, dir, src, dest))
+}
+
+/// `migrate-pause` on the source of a postcopy; both sides report postcopy-paused.
+fn pause_postcopy(src: &mut Vmm, dest: &mut Vmm) {
+    src.oob_ok("migrate-pause", Value::Null);
+    src.wait_migration_event("postcopy-paused");
+    dest.wait_migration_event("postcopy-paused");
+}
+
+/// Lifts the postcopy bandwidth limit and waits for both sides to complete; returns the
+/// source's query-migrate.
+fn complete_postcopy(src: &mut Vmm, dest: &mut Vmm) -> Value {
+    src.set_parameters(json!({"max-postcopy-bandwidth": 0}));
+    let info = src.wait_migration(&["completed"]);
+    eprintln!("source: {info}");
+    dest.wait_migration(&["completed"]);
+    info
+}
+
+/// `got` equals the source's (stopped) guest range; `what` names it in the failure.
+fn assert_matches_source(src: &mut Vmm, dir: &TempDir, got: &[u8], what: &str) {
+    let frozen = src.read_range(dir, "src-final.bin");
+    assert!(got == frozen, "{what} and the source's RAM differ");
+}
+
+/// A postcopy destination started with -S has the source's RAM once complete, then runs on
+/// after `cont`.
+fn check_paused_destination(src: &mut Vmm, dest: &mut Vmm, dir: &TempDir) {
+    let mem = dest.read_range(dir, "dest-final.bin");
+    assert_matches_source(src, dir, &mem, "the destination's final RAM");
+    dest.exec("cont", Value::Null);
+    check_destination_runs(dest, dir);
+}
+
+/// An incoming migration completes and the guest runs on the destination.
+fn check_incoming_completes(dest: &mut Vmm, dir: &TempDir) {
+    dest.wait_migration(&["completed"]);
+    assert_eq!(dest.status(), "running");
+    check_destination_runs(dest, dir);
+}
+
+/// The source of a precopy completes and stops in postmigrate; returns its query-migrate.
+fn wait_source_completed(src: &mut Vmm) -> Value {
+    let info = src.wait_migration(&["completed"]);
+    eprintln!("source: {info}");
+    assert_eq!(src.status(), "postmigrate", "{info}");
+    info
+}
+
+/// An out-of-band command that must answer within a second.
+fn assert_prompt(what: &str, took: Duration) {
+    assert!(took < Duration::from_secs(1), "{what} took {took:?}");
 }
 
 // ---------------------------------------------------------------------------------------
@@ -351,9 +470,7 @@ fn start_postcopy(pair: &mut Pair, postcopy_bandwidth: u64, dest_runs: bool) {
 /// Precopy over a unix socket given to `--incoming`; the guest runs on, consistent.
 #[test]
 fn precopy_over_unix_socket() {
-    let _t = TestTimer::start("precopy_over_unix_socket");
-    let dir = TempDir::new("mig-precopy-unix");
-    let kernel = write_migration_guest(dir.path(), "guest.elf");
+    let (_t, dir, kernel) = start_test("precopy_over_unix_socket", "mig-precopy-unix");
     let mut src = start_vmm(&dir, "src", &kernel, &["--serial", "none"]);
     let sock = dir.join("mig.sock");
     let incoming = format!("unix:{}", sock.display());
@@ -366,21 +483,16 @@ fn precopy_over_unix_socket() {
     assert_eq!(dest.status(), "inmigrate");
     thread::sleep(Duration::from_millis(300));
     src.exec("migrate", json!({ "uri": incoming }));
-    let info = src.wait_migration(&["completed"]);
-    eprintln!("source: {info}");
-    assert_eq!(src.status(), "postmigrate");
-    dest.wait_migration(&["completed"]);
-    assert_eq!(dest.status(), "running");
-    check_destination_runs(&mut dest, &dir);
+    wait_source_completed(&mut src);
+    check_incoming_completes(&mut dest, &dir);
 }
 
 /// `--incoming defer`, `migrate-incoming tcp:127.0.0.1:0` and the real port from
 /// `socket-address`; MIGRATION and MIGRATION_PASS events; query-migrate's numbers.
 #[test]
 fn precopy_over_tcp_with_deferred_incoming() {
-    let _t = TestTimer::start("precopy_over_tcp_with_deferred_incoming");
-    let dir = TempDir::new("mig-precopy-tcp");
-    let kernel = write_migration_guest(dir.path(), "guest.elf");
+    let (_t, dir, kernel) =
+        start_test("precopy_over_tcp_with_deferred_incoming", "mig-precopy-tcp");
     let mut src = start_vmm(&dir, "src", &kernel, &vm_args(&[]));
     let mut dest = start_vmm(&dir, "dest", &kernel, &vm_args(&["--incoming", "defer"]));
     assert_eq!(dest.status(), "inmigrate");
@@ -404,9 +516,7 @@ fn precopy_over_tcp_with_deferred_incoming() {
     // Slow enough for a few passes, fast enough to converge once the rate is known.
     src.set_parameters(json!({"max-bandwidth": 64u64 << 20}));
     src.exec("migrate", json!({"uri": format!("tcp:127.0.0.1:{port}")}));
-    let info = src.wait_migration(&["completed"]);
-    eprintln!("source: {info}");
-    assert_eq!(src.status(), "postmigrate");
+    let info = wait_source_completed(&mut src);
 
     // Source events: setup, active, device, completed; passes numbered from 1.
     src.wait_migration_event("completed");
@@ -452,9 +562,7 @@ fn precopy_over_tcp_with_deferred_incoming() {
     );
     assert_eq!(ram["page-size"].as_u64(), Some(4096), "{info}");
 
-    dest.wait_migration(&["completed"]);
-    assert_eq!(dest.status(), "running");
-    check_destination_runs(&mut dest, &dir);
+    check_incoming_completes(&mut dest, &dir);
 }
 
 // ---------------------------------------------------------------------------------------
@@ -479,16 +587,12 @@ fn save_snapshot(dir: &TempDir, kernel: &Path, name: &str) -> PathBuf {
 /// stays paused, RAM frozen, until `cont`.
 #[test]
 fn file_save_and_restore() {
-    let _t = TestTimer::start("file_save_and_restore");
-    let dir = TempDir::new("mig-file");
-    let kernel = write_migration_guest(dir.path(), "guest.elf");
+    let (_t, dir, kernel) = start_test("file_save_and_restore", "mig-file");
     let snapshot = save_snapshot(&dir, &kernel, "snap.bin");
     let incoming = format!("file:{}", snapshot.display());
 
     let mut dest = start_vmm(&dir, "dest", &kernel, &vm_args(&["--incoming", &incoming]));
-    dest.wait_migration(&["completed"]);
-    assert_eq!(dest.status(), "running");
-    check_destination_runs(&mut dest, &dir);
+    check_incoming_completes(&mut dest, &dir);
 
     // With -S the restored guest waits for `cont`.
     let mut paused = start_vmm(
@@ -517,17 +621,13 @@ fn file_save_and_restore() {
 /// pmemsave on it faults the missing pages in through the source.
 #[test]
 fn postcopy_with_paused_destination() {
-    if !userfaultfd_available("postcopy_with_paused_destination") {
+    let Some((_t, dir, mut src, mut dest)) = start_postcopy_test(
+        "postcopy_with_paused_destination",
+        "mig-postcopy-paused",
+        false,
+    ) else {
         return;
-    }
-    let _t = TestTimer::start("postcopy_with_paused_destination");
-    let dir = TempDir::new("mig-postcopy-paused");
-    let kernel = write_migration_guest(dir.path(), "guest.elf");
-    let mut pair = start_pair(&dir, &kernel, &["-S"], true);
-    start_postcopy(&mut pair, SLOW_POSTCOPY, false);
-    let Pair {
-        mut src, mut dest, ..
-    } = pair;
+    };
     assert_eq!(src.status(), "postmigrate");
     assert_eq!(dest.status(), "paused");
     // Still in postcopy (slow background): this read faults pages in on demand.
@@ -539,16 +639,9 @@ fn postcopy_with_paused_destination() {
         .as_u64()
         .unwrap_or(0);
     assert!(requests > 0, "no page was requested");
-    src.set_parameters(json!({"max-postcopy-bandwidth": 0}));
-    let info = src.wait_migration(&["completed"]);
-    eprintln!("source: {info}");
-    dest.wait_migration(&["completed"]);
+    complete_postcopy(&mut src, &mut dest);
     assert_eq!(dest.status(), "paused");
-    let frozen = src.read_range(&dir, "src-final.bin");
-    assert!(
-        during == frozen,
-        "pages read in postcopy differ from the source's"
-    );
+    assert_matches_source(&mut src, &dir, &during, "pages read in postcopy");
     check_guest_ram(&during).unwrap_or_else(|r| panic!("{r}"));
     dest.exec("cont", Value::Null);
     check_destination_runs(&mut dest, &dir);
@@ -557,18 +650,14 @@ fn postcopy_with_paused_destination() {
 /// Variant B: the destination's vCPUs run during postcopy and fault pages in.
 #[test]
 fn postcopy_with_running_destination() {
-    if !postcopy_vcpu_faults_supported("postcopy_with_running_destination") {
-        return;
-    }
-    let _t = TestTimer::start("postcopy_with_running_destination");
-    let dir = TempDir::new("mig-postcopy-running");
-    let kernel = write_migration_guest(dir.path(), "guest.elf");
-    let mut pair = start_pair(&dir, &kernel, &[], true);
     // A slow background: the guest's walk itself must fault most pages in.
-    start_postcopy(&mut pair, SLOW_POSTCOPY, true);
-    let Pair {
-        mut src, mut dest, ..
-    } = pair;
+    let Some((_t, dir, mut src, mut dest)) = start_postcopy_test(
+        "postcopy_with_running_destination",
+        "mig-postcopy-running",
+        true,
+    ) else {
+        return;
+    };
     let deadline = Instant::now() + TIMEOUT;
     loop {
         let info = src.migration_status();
@@ -584,34 +673,22 @@ fn postcopy_with_running_destination() {
         );
         thread::sleep(Duration::from_millis(10));
     }
-    src.set_parameters(json!({"max-postcopy-bandwidth": 0}));
-    let info = src.wait_migration(&["completed"]);
-    eprintln!("source: {info}");
+    let info = complete_postcopy(&mut src, &mut dest);
     assert!(info["downtime"].as_i64().is_some(), "{info}");
     assert!(info["ram"]["postcopy-bytes"].as_u64() > Some(0), "{info}");
-    dest.wait_migration(&["completed"]);
     assert_eq!(src.status(), "postmigrate");
-    assert_eq!(dest.status(), "running");
-    check_destination_runs(&mut dest, &dir);
+    check_incoming_completes(&mut dest, &dir);
 }
 
 /// Breaks a postcopy migration `breaks` times with `migrate-pause` on the source and
-/// recovers it each time; nothing may be lost.
+/// recovers it each time; nothing may be lost. Skipped where the host cannot run it (see
+/// [`start_postcopy_test`]).
 fn postcopy_recovery(test: &'static str, breaks: usize, dest_runs: bool) {
-    let _t = TestTimer::start(test);
-    let dir = TempDir::new(test);
-    let kernel = write_migration_guest(dir.path(), "guest.elf");
-    let dest_extra: &[&str] = if dest_runs { &[] } else { &["-S"] };
-    let mut pair = start_pair(&dir, &kernel, dest_extra, true);
-    start_postcopy(&mut pair, SLOW_POSTCOPY, dest_runs);
-    let Pair {
-        mut src, mut dest, ..
-    } = pair;
+    let Some((_t, dir, mut src, mut dest)) = start_postcopy_test(test, test, dest_runs) else {
+        return;
+    };
     for round in 0..breaks {
-        let (reply, _) = src.exec_oob("migrate-pause", Value::Null);
-        assert_eq!(reply["return"], json!({}), "round {round}: {reply}");
-        dest.wait_migration_event("postcopy-paused");
-        src.wait_migration_event("postcopy-paused");
+        pause_postcopy(&mut src, &mut dest);
         assert_eq!(src.migration_status()["status"], "postcopy-paused");
         if !dest_runs {
             assert_eq!(dest.migration_status()["status"], "postcopy-paused");
@@ -619,49 +696,35 @@ fn postcopy_recovery(test: &'static str, breaks: usize, dest_runs: bool) {
         // Postcopy cannot be cancelled, and a second pause is refused.
         let e = src.exec_err("migrate_cancel", Value::Null);
         assert!(e.contains("Postcopy"), "{e}");
-        let (reply, _) = src.exec_oob("migrate-pause", Value::Null);
-        assert!(reply.get("error").is_some(), "{reply}");
+        src.oob_refused("migrate-pause", Value::Null);
 
         let recover = format!(
             "unix:{}",
             dir.join(&format!("recover-{round}.sock")).display()
         );
-        let (reply, took) = dest.exec_oob("migrate-recover", json!({ "uri": recover }));
-        assert_eq!(reply["return"], json!({}), "round {round}: {reply}");
+        let took = dest.recover(&recover);
         eprintln!("round {round}: migrate-recover answered in {took:?}");
-        src.exec("migrate", json!({"uri": recover, "resume": true}));
+        src.resume(&recover);
         dest.wait_migration_event("postcopy-recover");
         dest.wait_migration_event("postcopy-active");
         src.wait_migration_event("postcopy-recover-setup");
         src.wait_migration_event("postcopy-recover");
         src.wait_migration_event("postcopy-active");
     }
-    src.set_parameters(json!({"max-postcopy-bandwidth": 0}));
-    let info = src.wait_migration(&["completed"]);
-    eprintln!("source: {info}");
-    dest.wait_migration(&["completed"]);
+    complete_postcopy(&mut src, &mut dest);
     src.wait_migration_event("completed");
     dest.wait_migration_event("completed");
     if dest_runs {
         assert_eq!(dest.status(), "running");
+        check_destination_runs(&mut dest, &dir);
     } else {
-        let mem = dest.read_range(&dir, "dest-final.bin");
-        let frozen = src.read_range(&dir, "src-final.bin");
-        assert!(
-            mem == frozen,
-            "the destination's RAM differs from the source's"
-        );
-        dest.exec("cont", Value::Null);
+        check_paused_destination(&mut src, &mut dest, &dir);
     }
-    check_destination_runs(&mut dest, &dir);
 }
 
 /// One `migrate-pause` and recovery, destination vCPUs running (probe-guarded).
 #[test]
 fn postcopy_recovery_once() {
-    if !postcopy_vcpu_faults_supported("postcopy_recovery_once") {
-        return;
-    }
     postcopy_recovery("postcopy_recovery_once", 1, true);
 }
 
@@ -669,9 +732,6 @@ fn postcopy_recovery_once() {
 /// equal the source's.
 #[test]
 fn postcopy_recovery_twice() {
-    if !userfaultfd_available("postcopy_recovery_twice") {
-        return;
-    }
     postcopy_recovery("postcopy_recovery_twice", 2, false);
 }
 
@@ -680,48 +740,34 @@ fn postcopy_recovery_twice() {
 /// stalls in the handshake until `migrate-pause` on the destination.
 #[test]
 fn postcopy_recovery_after_failed_attempts() {
-    if !userfaultfd_available("postcopy_recovery_after_failed_attempts") {
+    let Some((_t, dir, mut src, mut dest)) = start_postcopy_test(
+        "postcopy_recovery_after_failed_attempts",
+        "mig-recovery-failures",
+        false,
+    ) else {
         return;
-    }
-    let _t = TestTimer::start("postcopy_recovery_after_failed_attempts");
-    let dir = TempDir::new("mig-recovery-failures");
-    let kernel = write_migration_guest(dir.path(), "guest.elf");
-    let mut pair = start_pair(&dir, &kernel, &["-S"], true);
-    start_postcopy(&mut pair, SLOW_POSTCOPY, false);
-    let Pair {
-        mut src, mut dest, ..
-    } = pair;
+    };
     let sock = |name: &str| dir.join(name);
     let uri = |name: &str| format!("unix:{}", sock(name).display());
-    src.exec_oob("migrate-pause", Value::Null);
-    src.wait_migration_event("postcopy-paused");
-    dest.wait_migration_event("postcopy-paused");
+    pause_postcopy(&mut src, &mut dest);
 
     // 1. The source resumes towards nobody: back to paused.
-    src.exec(
-        "migrate",
-        json!({"uri": uri("nobody.sock"), "resume": true}),
-    );
+    src.resume(&uri("nobody.sock"));
     src.wait_migration_event("postcopy-recover-setup");
     src.wait_migration_event("postcopy-paused");
 
     // 1b. The source reaches something that never answers: migrate-pause on the source.
     let silent = std::os::unix::net::UnixListener::bind(sock("silent.sock")).expect("bind");
-    src.exec(
-        "migrate",
-        json!({"uri": uri("silent.sock"), "resume": true}),
-    );
+    src.resume(&uri("silent.sock"));
     src.wait_migration_event("postcopy-recover-setup");
     src.wait_migration_event("postcopy-recover");
-    let (reply, took) = src.exec_oob("migrate-pause", Value::Null);
-    assert_eq!(reply["return"], json!({}), "{reply}");
-    assert!(took < Duration::from_secs(1), "migrate-pause took {took:?}");
+    let took = src.oob_ok("migrate-pause", Value::Null);
+    assert_prompt("migrate-pause", took);
     src.wait_migration_event("postcopy-paused");
     drop(silent);
 
     // 2. Something else connects to the recovery address and sends garbage.
-    let (reply, _) = dest.exec_oob("migrate-recover", json!({"uri": uri("a.sock")}));
-    assert_eq!(reply["return"], json!({}), "{reply}");
+    dest.recover(&uri("a.sock"));
     {
         use std::io::Write;
         let mut fake = std::os::unix::net::UnixStream::connect(sock("a.sock")).expect("connect");
@@ -731,37 +777,25 @@ fn postcopy_recovery_after_failed_attempts() {
     dest.wait_migration_event("postcopy-paused");
 
     // 3. Something connects and stalls in the handshake: migrate-pause on the destination.
-    let (reply, _) = dest.exec_oob("migrate-recover", json!({"uri": uri("b.sock")}));
-    assert_eq!(reply["return"], json!({}), "{reply}");
+    dest.recover(&uri("b.sock"));
     let stalled = std::os::unix::net::UnixStream::connect(sock("b.sock")).expect("connect");
     dest.wait_migration_event("postcopy-recover");
-    let (reply, took) = dest.exec_oob("migrate-pause", Value::Null);
-    assert_eq!(reply["return"], json!({}), "{reply}");
-    assert!(took < Duration::from_secs(1), "migrate-pause took {took:?}");
+    let took = dest.oob_ok("migrate-pause", Value::Null);
+    assert_prompt("migrate-pause", took);
     dest.wait_migration_event("postcopy-paused");
     drop(stalled);
 
     // 4. migrate-recover retried before the source comes, with another address and then
     // with the same one again: the last one counts.
     for name in ["c.sock", "d.sock", "d.sock"] {
-        let (reply, _) = dest.exec_oob("migrate-recover", json!({"uri": uri(name)}));
-        assert_eq!(reply["return"], json!({}), "{name}: {reply}");
+        dest.recover(&uri(name));
         thread::sleep(Duration::from_millis(50));
     }
-    src.exec("migrate", json!({"uri": uri("d.sock"), "resume": true}));
+    src.resume(&uri("d.sock"));
     src.wait_migration_event("postcopy-active");
     dest.wait_migration_event("postcopy-active");
-    src.set_parameters(json!({"max-postcopy-bandwidth": 0}));
-    src.wait_migration(&["completed"]);
-    dest.wait_migration(&["completed"]);
-    let mem = dest.read_range(&dir, "dest-final.bin");
-    let frozen = src.read_range(&dir, "src-final.bin");
-    assert!(
-        mem == frozen,
-        "the destination's RAM differs from the source's"
-    );
-    dest.exec("cont", Value::Null);
-    check_destination_runs(&mut dest, &dir);
+    complete_postcopy(&mut src, &mut dest);
+    check_paused_destination(&mut src, &mut dest, &dir);
 }
 
 /// QEMU's reason for out-of-band `migrate-recover`: while postcopy is paused, an in-band
@@ -770,20 +804,14 @@ fn postcopy_recovery_after_failed_attempts() {
 /// answered at once.
 #[test]
 fn oob_migrate_recover_while_main_loop_blocked() {
-    if !userfaultfd_available("oob_migrate_recover_while_main_loop_blocked") {
+    let Some((_t, dir, mut src, mut dest)) = start_postcopy_test(
+        "oob_migrate_recover_while_main_loop_blocked",
+        "mig-oob",
+        false,
+    ) else {
         return;
-    }
-    let _t = TestTimer::start("oob_migrate_recover_while_main_loop_blocked");
-    let dir = TempDir::new("mig-oob");
-    let kernel = write_migration_guest(dir.path(), "guest.elf");
-    let mut pair = start_pair(&dir, &kernel, &["-S"], true);
-    start_postcopy(&mut pair, SLOW_POSTCOPY, false);
-    let Pair {
-        mut src, mut dest, ..
-    } = pair;
-    src.exec_oob("migrate-pause", Value::Null);
-    src.wait_migration_event("postcopy-paused");
-    dest.wait_migration_event("postcopy-paused");
+    };
+    pause_postcopy(&mut src, &mut dest);
 
     // An in-band pmemsave of the whole range: pages dirtied at the switch-over are missing.
     let blocked_file = dir.join("blocked.bin");
@@ -799,16 +827,12 @@ fn oob_migrate_recover_while_main_loop_blocked() {
     }
 
     let recover = format!("unix:{}", dir.join("recover.sock").display());
-    let (reply, took) = dest.exec_oob("migrate-recover", json!({ "uri": recover }));
+    let took = dest.recover(&recover);
     eprintln!("migrate-recover answered in {took:?} with pmemsave blocked");
-    assert_eq!(reply["return"], json!({}), "{reply}");
-    assert!(
-        took < Duration::from_secs(1),
-        "migrate-recover took {took:?}"
-    );
+    assert_prompt("migrate-recover", took);
     // The in-band pmemsave has not answered (reply_to would have failed on it).
 
-    src.exec("migrate", json!({"uri": recover, "resume": true}));
+    src.resume(&recover);
     src.wait_migration_event("postcopy-active");
     src.set_parameters(json!({"max-postcopy-bandwidth": 0}));
     // Events that come first are queued by reply_to.
@@ -822,11 +846,7 @@ fn oob_migrate_recover_while_main_loop_blocked() {
     src.wait_migration(&["completed"]);
     dest.wait_migration(&["completed"]);
     let got = std::fs::read(&blocked_file).expect("pmemsave file");
-    let frozen = src.read_range(&dir, "src-final.bin");
-    assert!(
-        got == frozen,
-        "the blocked pmemsave read other bytes than the source has"
-    );
+    assert_matches_source(&mut src, &dir, &got, "the bytes the blocked pmemsave read");
     check_guest_ram(&got).unwrap_or_else(|r| panic!("{r}"));
 }
 
@@ -837,14 +857,8 @@ fn oob_migrate_recover_while_main_loop_blocked() {
 /// destination exits with status 1, and a new migration can start.
 #[test]
 fn cancel_during_precopy() {
-    let _t = TestTimer::start("cancel_during_precopy");
-    let dir = TempDir::new("mig-cancel");
-    let kernel = write_migration_guest(dir.path(), "guest.elf");
-    let Pair { mut src, dest, uri } = start_pair(&dir, &kernel, &[], false);
-    src.set_parameters(json!({"max-bandwidth": 1u64 << 20}));
-    src.exec("migrate", json!({ "uri": uri }));
-    src.wait_migration_event("active");
-    thread::sleep(Duration::from_millis(200));
+    let (_t, dir, kernel) = start_test("cancel_during_precopy", "mig-cancel");
+    let (mut src, dest) = start_slow_precopy(&dir, &kernel);
     // query-migrate while active.
     let info = src.migration_status();
     assert_eq!(info["status"], "active", "{info}");
@@ -880,18 +894,8 @@ fn cancel_during_precopy() {
 /// The destination dies in precopy: the source goes `failed`, says why, and runs on.
 #[test]
 fn killed_destination_fails_precopy() {
-    let _t = TestTimer::start("killed_destination_fails_precopy");
-    let dir = TempDir::new("mig-kill-precopy");
-    let kernel = write_migration_guest(dir.path(), "guest.elf");
-    let Pair {
-        mut src,
-        mut dest,
-        uri,
-    } = start_pair(&dir, &kernel, &[], false);
-    src.set_parameters(json!({"max-bandwidth": 1u64 << 20}));
-    src.exec("migrate", json!({ "uri": uri }));
-    src.wait_migration_event("active");
-    thread::sleep(Duration::from_millis(200));
+    let (_t, dir, kernel) = start_test("killed_destination_fails_precopy", "mig-kill-precopy");
+    let (mut src, mut dest) = start_slow_precopy(&dir, &kernel);
     dest.skiff.kill();
     let info = src.wait_migration(&["failed"]);
     eprintln!("source: {info}");
@@ -904,17 +908,13 @@ fn killed_destination_fails_precopy() {
 /// nothing lost), refuses cancel, and a resume towards nobody pauses again.
 #[test]
 fn killed_destination_pauses_postcopy() {
-    if !userfaultfd_available("killed_destination_pauses_postcopy") {
+    let Some((_t, dir, mut src, mut dest)) = start_postcopy_test(
+        "killed_destination_pauses_postcopy",
+        "mig-kill-postcopy",
+        false,
+    ) else {
         return;
-    }
-    let _t = TestTimer::start("killed_destination_pauses_postcopy");
-    let dir = TempDir::new("mig-kill-postcopy");
-    let kernel = write_migration_guest(dir.path(), "guest.elf");
-    let mut pair = start_pair(&dir, &kernel, &["-S"], true);
-    start_postcopy(&mut pair, SLOW_POSTCOPY, false);
-    let Pair {
-        mut src, mut dest, ..
-    } = pair;
+    };
     dest.skiff.kill();
     src.wait_migration_event("postcopy-paused");
     let info = src.wait_migration(&["postcopy-paused"]);
@@ -924,8 +924,7 @@ fn killed_destination_pauses_postcopy() {
     let e = src.exec_err("migrate_cancel", Value::Null);
     assert!(e.contains("Postcopy"), "{e}");
     // Resuming towards nobody fails and pauses again.
-    let nowhere = format!("unix:{}", dir.join("nobody.sock").display());
-    src.exec("migrate", json!({"uri": nowhere, "resume": true}));
+    src.resume(&format!("unix:{}", dir.join("nobody.sock").display()));
     src.wait_migration_event("postcopy-recover-setup");
     src.wait_migration_event("postcopy-paused");
     assert_eq!(src.migration_status()["status"], "postcopy-paused");
@@ -935,27 +934,19 @@ fn killed_destination_pauses_postcopy() {
 /// `migrate-recover`.
 #[test]
 fn killed_source_pauses_postcopy_destination() {
-    if !userfaultfd_available("killed_source_pauses_postcopy_destination") {
+    let Some((_t, dir, mut src, mut dest)) = start_postcopy_test(
+        "killed_source_pauses_postcopy_destination",
+        "mig-kill-source",
+        false,
+    ) else {
         return;
-    }
-    let _t = TestTimer::start("killed_source_pauses_postcopy_destination");
-    let dir = TempDir::new("mig-kill-source");
-    let kernel = write_migration_guest(dir.path(), "guest.elf");
-    let mut pair = start_pair(&dir, &kernel, &["-S"], true);
-    start_postcopy(&mut pair, SLOW_POSTCOPY, false);
-    let Pair {
-        mut src, mut dest, ..
-    } = pair;
+    };
     src.skiff.kill();
     dest.wait_migration_event("postcopy-paused");
     // The destination waits for a recovery; its monitor still answers.
     assert_eq!(dest.migration_status()["status"], "postcopy-paused");
     assert_eq!(dest.status(), "paused");
-    let (reply, _) = dest.exec_oob(
-        "migrate-recover",
-        json!({"uri": format!("unix:{}", dir.join("r.sock").display())}),
-    );
-    assert_eq!(reply["return"], json!({}), "{reply}");
+    dest.recover(&format!("unix:{}", dir.join("r.sock").display()));
     assert!(dest.skiff.try_status().is_none(), "the destination exited");
 }
 
@@ -992,8 +983,7 @@ fn bad_migration_uris() {
     src.wait_migration_event("failed");
     check_source_runs(&mut src, &dir);
     // Recovery commands outside postcopy are refused.
-    let (reply, _) = src.exec_oob("migrate-pause", Value::Null);
-    assert!(reply.get("error").is_some(), "{reply}");
+    src.oob_refused("migrate-pause", Value::Null);
     let e = src.exec_err("migrate", json!({"uri": "unix:/x", "resume": true}));
     assert!(e.contains("paused"), "{e}");
 

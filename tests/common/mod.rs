@@ -4,6 +4,7 @@
 //! Included with `mod common;` from every test crate. Not every test crate uses every helper,
 //! hence the crate-wide `dead_code` allowance below.
 //!
+//! - [`bench`]: QEMU's version and medians for the benchmarks.
 //! - [`elf`]: packs machine code into a minimal ELF64 executable the VMM can boot.
 //! - [`guest`]: a 64-bit [`iced_x86::code_asm::CodeAssembler`] wrapper with helpers for the
 //!   devices of the Skiff machine (serial, exit port, CMOS, i8042), and the AP trampoline.
@@ -13,6 +14,7 @@
 
 #![allow(dead_code)]
 
+pub mod bench;
 pub mod elf;
 pub mod guest;
 pub mod kvm;

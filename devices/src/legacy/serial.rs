@@ -73,37 +73,34 @@ impl SerialDeviceState {
     }
 }
 
+/// Builds a `$to` ([`SerialState`] or [`SerialDeviceState`]) from `$s`, the other one: the
+/// registers have the same names in both; the pending input is `$in_buffer`.
+macro_rules! serial_state {
+    ($to:ident, $s:ident, in_buffer: $in_buffer:expr) => {
+        $to {
+            baud_divisor_low: $s.baud_divisor_low,
+            baud_divisor_high: $s.baud_divisor_high,
+            interrupt_enable: $s.interrupt_enable,
+            interrupt_identification: $s.interrupt_identification,
+            line_control: $s.line_control,
+            line_status: $s.line_status,
+            modem_control: $s.modem_control,
+            modem_status: $s.modem_status,
+            scratch: $s.scratch,
+            in_buffer: $in_buffer,
+        }
+    };
+}
+
 impl From<SerialState> for SerialDeviceState {
     fn from(s: SerialState) -> Self {
-        Self {
-            baud_divisor_low: s.baud_divisor_low,
-            baud_divisor_high: s.baud_divisor_high,
-            interrupt_enable: s.interrupt_enable,
-            interrupt_identification: s.interrupt_identification,
-            line_control: s.line_control,
-            line_status: s.line_status,
-            modem_control: s.modem_control,
-            modem_status: s.modem_status,
-            scratch: s.scratch,
-            in_buffer: s.in_buffer,
-        }
+        serial_state!(Self, s, in_buffer: s.in_buffer)
     }
 }
 
 impl From<&SerialDeviceState> for SerialState {
     fn from(s: &SerialDeviceState) -> Self {
-        Self {
-            baud_divisor_low: s.baud_divisor_low,
-            baud_divisor_high: s.baud_divisor_high,
-            interrupt_enable: s.interrupt_enable,
-            interrupt_identification: s.interrupt_identification,
-            line_control: s.line_control,
-            line_status: s.line_status,
-            modem_control: s.modem_control,
-            modem_status: s.modem_status,
-            scratch: s.scratch,
-            in_buffer: s.in_buffer.clone(),
-        }
+        serial_state!(Self, s, in_buffer: s.in_buffer.clone())
     }
 }
 
