@@ -490,10 +490,14 @@ impl VirtioEvents {
         let Some((fd, slot, queue)) = self.notifies.get(index) else {
             return;
         };
+        // Drained under the big lock: a migration's save (`complete_pending`, under the same
+        // lock) then either finds the kick still in the eventfd or sees its requests done.
+        // Read first, the kick could be taken here, wait for the lock while the state is
+        // saved without it, and be processed on the source after the save: lost.
+        let mut machine = self.vm.lock();
         if fd.read().is_err() {
             return; // Already drained (e.g. by a migration's save).
         }
-        let mut machine = self.vm.lock();
         machine.virtio_notify(*slot, *queue);
     }
 

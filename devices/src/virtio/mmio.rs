@@ -665,6 +665,15 @@ impl<D: VirtioDevice, I: VirtioInterrupt> MmioTransport<D, I> {
         self.interrupt_status = state.interrupt_status;
         self.config_generation = state.config_generation;
         self.activated = state.activated;
+        // Interrupt status not yet acknowledged: the line is still up. Its edge may not have
+        // reached the saved interrupt controller (an irqfd is injected asynchronously, and a
+        // save completes pending requests after the vCPUs and irqchips are captured), so
+        // raise it again; a driver that already took it reads a zero status and ignores it.
+        if self.activated && self.interrupt_status != 0 {
+            if let Err(e) = self.interrupt.trigger() {
+                log::warn!("virtio-mmio: cannot raise the interrupt: {e}");
+            }
+        }
         Ok(())
     }
 }
