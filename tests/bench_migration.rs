@@ -549,16 +549,34 @@ fn measure(
     Row::Samples(samples)
 }
 
+/// Where the socket copy's receiver writes.
+#[derive(Clone, Copy, PartialEq)]
+enum CopyTarget {
+    /// A buffer whose pages were faulted in before timing (the bare socket copy).
+    Prefaulted,
+    /// A new buffer whose pages are first touched by the copy, as a migration destination's
+    /// RAM is (the kernel allocates and clears each page on the way).
+    Fresh,
+}
+
 /// Copies `bytes` over a Unix socket pair between two threads, `COPY_RUNS` times; GiB/s each.
-fn socket_copy_gib_s(bytes: usize) -> Vec<f64> {
+fn socket_copy_gib_s(bytes: usize, target: CopyTarget) -> Vec<f64> {
     eprintln!("measuring the socket copy of {} MiB...", bytes >> 20);
     let src = vec![FILL_BYTE; bytes];
-    let mut dst = vec![0u8; bytes];
-    for i in (0..bytes).step_by(PAGE as usize) {
-        dst[i] = 1; // fault the pages in
-    }
+    let prefaulted = || {
+        let mut dst = vec![0u8; bytes];
+        for i in (0..bytes).step_by(PAGE as usize) {
+            dst[i] = 1; // fault the pages in
+        }
+        dst
+    };
+    let mut dst = prefaulted();
     let mut rates = Vec::with_capacity(COPY_RUNS);
     for run in 0..COPY_RUNS {
+        if target == CopyTarget::Fresh {
+            // A large zeroed Vec is a new anonymous mapping: no page is there yet.
+            dst = vec![0u8; bytes];
+        }
         let (mut tx, mut rx) = UnixStream::pair().expect("socketpair");
         let started = Instant::now();
         thread::scope(|s| {
@@ -761,6 +779,7 @@ struct SizeResults {
     qemu_filled_default: Row,
     qemu_filled_unthrottled: Row,
     copy: Vec<f64>,
+    copy_fresh: Vec<f64>,
 }
 
 fn main() {
@@ -805,7 +824,8 @@ fn main() {
                 ),
                 qemu_filled_default: qemu_row(Ram::Filled, Bandwidth::Default, FILLED_RUNS),
                 qemu_filled_unthrottled: qemu_row(Ram::Filled, Bandwidth::Unthrottled, FILLED_RUNS),
-                copy: socket_copy_gib_s(size.bytes as usize),
+                copy: socket_copy_gib_s(size.bytes as usize, CopyTarget::Prefaulted),
+                copy_fresh: socket_copy_gib_s(size.bytes as usize, CopyTarget::Fresh),
             }
         })
         .collect();
@@ -870,18 +890,23 @@ fn main() {
             &r.qemu_filled_unthrottled,
             b,
         );
-        let copy = median(r.copy.iter().copied());
-        println!(
-            "  {:<34} {:>4} {:>10.1} {:>10} {:>10} {:>14.1} {:>10.3} {:>10.3}",
-            format!("{l} memcpy over unix socket"),
-            r.copy.len(),
-            b as f64 / GIB / copy * 1e3,
-            "-",
-            "-",
-            b as f64 / MIB,
-            copy,
-            copy
-        );
+        for (what, rates) in [
+            ("memcpy over unix socket", &r.copy),
+            ("same, into fresh memory", &r.copy_fresh),
+        ] {
+            let copy = median(rates.iter().copied());
+            println!(
+                "  {:<34} {:>4} {:>10.1} {:>10} {:>10} {:>14.1} {:>10.3} {:>10.3}",
+                format!("{l} {what}"),
+                rates.len(),
+                b as f64 / GIB / copy * 1e3,
+                "-",
+                "-",
+                b as f64 / MIB,
+                copy,
+                copy
+            );
+        }
     }
 
     println!();
@@ -890,6 +915,7 @@ fn main() {
         let b = r.size.bytes;
         let l = r.size.label;
         let copy = median(r.copy.iter().copied());
+        let copy_fresh = median(r.copy_fresh.iter().copied());
         for (ram, ours, theirs) in [
             ("idle", &r.skiff_idle, &r.qemu_idle_default),
             ("filled", &r.skiff_filled, &r.qemu_filled_default),
@@ -907,6 +933,14 @@ fn main() {
             target(
                 &format!("{l} {ram}: RAM throughput skiff / socket memcpy"),
                 skiff.map(|s| s / copy),
+                "x",
+                TARGET_VS_COPY,
+                true,
+                ">= 0.5",
+            );
+            target(
+                &format!("{l} {ram}: same, copy into fresh memory"),
+                skiff.map(|s| s / copy_fresh),
                 "x",
                 TARGET_VS_COPY,
                 true,
