@@ -555,8 +555,51 @@ enum CopyTarget {
     /// A buffer whose pages were faulted in before timing (the bare socket copy).
     Prefaulted,
     /// A new buffer whose pages are first touched by the copy, as a migration destination's
-    /// RAM is (the kernel allocates and clears each page on the way).
+    /// RAM is (the kernel allocates and clears each page on the way); with transparent huge
+    /// pages asked for, as Skiff's destination does.
     Fresh,
+}
+
+/// A fresh anonymous mapping of `bytes` with transparent huge pages asked for; no page of it
+/// is populated yet.
+struct FreshBuffer {
+    ptr: *mut u8,
+    len: usize,
+}
+
+impl FreshBuffer {
+    fn new(len: usize) -> FreshBuffer {
+        // SAFETY: a new private anonymous mapping; the result is checked before use.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        assert!(ptr != libc::MAP_FAILED, "mmap of the copy buffer failed");
+        // SAFETY: advice on the mapping just created; it changes no contents.
+        unsafe { libc::madvise(ptr, len, libc::MADV_HUGEPAGE) };
+        FreshBuffer {
+            ptr: ptr.cast(),
+            len,
+        }
+    }
+
+    fn as_mut_slice(&mut self) -> &mut [u8] {
+        // SAFETY: the mapping is `len` bytes, owned by self, and readable and writable.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr, self.len) }
+    }
+}
+
+impl Drop for FreshBuffer {
+    fn drop(&mut self) {
+        // SAFETY: unmaps the mapping this value created; no slice of it outlives self.
+        unsafe { libc::munmap(self.ptr.cast(), self.len) };
+    }
 }
 
 /// Copies `bytes` over a Unix socket pair between two threads, `COPY_RUNS` times; GiB/s each.
@@ -570,13 +613,14 @@ fn socket_copy_gib_s(bytes: usize, target: CopyTarget) -> Vec<f64> {
         }
         dst
     };
-    let mut dst = prefaulted();
+    let mut kept = prefaulted();
     let mut rates = Vec::with_capacity(COPY_RUNS);
     for run in 0..COPY_RUNS {
-        if target == CopyTarget::Fresh {
-            // A large zeroed Vec is a new anonymous mapping: no page is there yet.
-            dst = vec![0u8; bytes];
-        }
+        let mut fresh = (target == CopyTarget::Fresh).then(|| FreshBuffer::new(bytes));
+        let dst = match fresh.as_mut() {
+            Some(buffer) => buffer.as_mut_slice(),
+            None => &mut kept[..],
+        };
         let (mut tx, mut rx) = UnixStream::pair().expect("socketpair");
         let started = Instant::now();
         thread::scope(|s| {
@@ -599,7 +643,7 @@ fn socket_copy_gib_s(bytes: usize, target: CopyTarget) -> Vec<f64> {
         });
         let elapsed = started.elapsed().as_secs_f64();
         if run == 0 {
-            assert!(src == dst, "the socket copy corrupted data");
+            assert!(src[..] == dst[..], "the socket copy corrupted data");
         }
         rates.push(bytes as f64 / GIB / elapsed);
     }
