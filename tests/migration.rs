@@ -21,7 +21,7 @@ use common::migration_guest::{
 };
 use common::process::{run, Skiff, TestTimer};
 use common::qmp_client::QmpClient;
-use common::TempDir;
+use common::{repo_root, TempDir};
 
 /// How long to wait for a guest or a migration step; generous for the loaded, emulated host.
 const TIMEOUT: Duration = Duration::from_secs(60);
@@ -1190,4 +1190,57 @@ fn damaged_streams_are_refused() {
     finished.assert_exit(1);
     finished.assert_clean_error();
     assert!(finished.stderr.contains("1 vCPUs"), "{}", finished.dump());
+}
+
+// ---------------------------------------------------------------------------------------
+// A third-party client
+
+/// The unmodified `qemu.qmp` asyncio client (tests/python/qemu_qmp_migration.py) drives a
+/// postcopy migration with an out-of-band pause and recovery on second monitors of both
+/// VMMs; the destination then holds the source's RAM and runs on after `cont`.
+#[test]
+fn python_qemu_qmp_drives_postcopy_recovery() {
+    const NAME: &str = "python_qemu_qmp_drives_postcopy_recovery";
+    let python = repo_root().join("resources/build/venv/bin/python");
+    if !python.exists() {
+        println!(
+            "SKIPPED: {NAME}: no venv at resources/build/venv (run resources/install-deps.sh)"
+        );
+        return;
+    }
+    if !userfaultfd_available(NAME) {
+        return;
+    }
+    let (_timer, dir, kernel) = start_test(NAME, "mig-python");
+    let py_src = dir.join("py-src.qmp");
+    let py_dest = dir.join("py-dest.qmp");
+    let uri = format!("unix:{}", dir.join("mig.sock").display());
+    let recovery = format!("unix:{}", dir.join("recover.sock").display());
+    let py_src_arg = format!("unix:{}", py_src.display());
+    let py_dest_arg = format!("unix:{}", py_dest.display());
+    let mut src = start_vmm(&dir, "src", &kernel, &vm_args(&["--qmp", &py_src_arg]));
+    let mut dest = start_vmm(
+        &dir,
+        "dest",
+        &kernel,
+        &vm_args(&["--qmp", &py_dest_arg, "--incoming", &uri, "-S"]),
+    );
+    src.wait_guest_passes(&dir, 3);
+    let out = std::process::Command::new(&python)
+        .arg(repo_root().join("tests/python/qemu_qmp_migration.py"))
+        .args([&py_src, &py_dest])
+        .args([&uri, &recovery])
+        .env("PYTHONDONTWRITEBYTECODE", "1")
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run the qemu.qmp script: {e}"));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && stdout.contains("qemu.qmp migration: OK"),
+        "the qemu.qmp script failed: {}\n{stdout}\n{}\n{}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr),
+        src.skiff.dump(),
+        dest.skiff.dump()
+    );
+    check_paused_destination(&mut src, &mut dest, &dir);
 }
