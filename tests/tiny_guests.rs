@@ -20,7 +20,7 @@ use iced_x86::code_asm::*;
 use common::elf::{self, LOAD_ADDR};
 use common::guest::{
     self, ap_trampoline, write_guest, Asm, AsmResult, Image, AP_SIPI_VECTOR, AP_TRAMPOLINE_ADDR,
-    CMOS_BOOT_COUNTER, DATA_AREA,
+    CMOS_BOOT_COUNTER, DATA_AREA, UNEXPECTED_VECTOR_EXIT,
 };
 use common::migration_guest::{
     check_guest_ram, migration_guest, pass_counter, write_migration_guest, MIG_END,
@@ -614,31 +614,10 @@ fn unmapped_pio_and_mmio_read_all_ones() {
 const TIMER_VECTOR: u8 = 0x30;
 /// Ticks counted by the timer handler.
 const TICKS: u64 = DATA_AREA + 0x10;
-/// Where the interrupt handlers are assembled in the image.
-const HANDLERS: u64 = LOAD_ADDR + 0x1000;
-/// Where the IDT is placed in the image (256 16-byte gates).
-const IDT: u64 = LOAD_ADDR + 0x2000;
-/// IDT pseudo-descriptor (limit, base), right after the IDT.
-const IDTR: u64 = IDT + 256 * 16;
 /// Ticks the guest waits for.
 const WANTED_TICKS: i32 = 5;
-/// Exit status of the guest when an interrupt or exception other than the timer's arrives.
-const UNEXPECTED_VECTOR_EXIT: u8 = 77;
-
 /// Exit status of the TSC-deadline timer guest when the CPU does not offer that mode.
 const NO_TSC_DEADLINE_EXIT: u8 = 78;
-
-/// Encodes a 64-bit interrupt gate (present, DPL 0, type 0xE) to `handler` in code segment
-/// 0x08.
-fn interrupt_gate(handler: u64) -> [u8; 16] {
-    let mut gate = [0u8; 16];
-    gate[0..2].copy_from_slice(&(handler as u16).to_le_bytes());
-    gate[2..4].copy_from_slice(&0x08u16.to_le_bytes());
-    gate[5] = 0x8e;
-    gate[6..8].copy_from_slice(&((handler >> 16) as u16).to_le_bytes());
-    gate[8..12].copy_from_slice(&((handler >> 32) as u32).to_le_bytes());
-    gate
-}
 
 /// Where the timer interrupts of the timer guest come from.
 #[derive(Clone, Copy, Debug)]
@@ -655,62 +634,26 @@ enum TimerSource {
 /// 8259 PICs are masked. Any other vector exits with [`UNEXPECTED_VECTOR_EXIT`]; the spurious
 /// vector 0xff is ignored.
 fn write_timer_guest(dir: &Path, source: TimerSource) -> PathBuf {
-    let build = || -> AsmResult<Image> {
-        // Handlers: timer, spurious, anything else.
-        let mut a = Asm::new64();
+    let timer_handler = |a: &mut Asm| -> AsmResult<Vec<(u8, CodeLabel)>> {
         let mut timer = a.create_label();
-        let mut spurious = a.create_label();
-        let mut unexpected = a.create_label();
         a.set_label(&mut timer)?;
         a.push(rax)?;
         a.push(rbx)?;
         a.mov(rbx, TICKS)?;
         a.lock().inc(qword_ptr(rbx))?;
-        a.mov(rbx, guest::LAPIC_BASE + 0xb0)?; // EOI register
-        a.mov(dword_ptr(rbx), 0)?;
+        a.lapic_eoi()?;
         a.pop(rbx)?;
         a.pop(rax)?;
         a.iretq()?;
-        a.set_label(&mut spurious)?;
-        a.iretq()?;
-        a.set_label(&mut unexpected)?;
-        a.print("unexpected interrupt or exception\n")?;
-        a.exit(UNEXPECTED_VECTOR_EXIT)?;
-        let (handlers, addrs) = a.assemble_with_labels(HANDLERS, &[timer, spurious, unexpected]);
-
-        let mut idt = Vec::with_capacity(256 * 16 + 10);
-        for vector in 0..=255u8 {
-            let handler = match vector {
-                TIMER_VECTOR => addrs[0],
-                0xff => addrs[1],
-                _ => addrs[2],
-            };
-            idt.extend_from_slice(&interrupt_gate(handler));
-        }
-        idt.extend_from_slice(&(256u16 * 16 - 1).to_le_bytes());
-        idt.extend_from_slice(&IDT.to_le_bytes());
-
-        // Main.
-        let mut a = Asm::new64();
+        Ok(vec![(TIMER_VECTOR, timer)])
+    };
+    let main = |a: &mut Asm| -> AsmResult {
         let mut wait = a.create_label();
-        a.mov(rax, IDTR)?;
-        a.lidt(ptr(rax))?;
-        // Local APIC: software enable, spurious vector 0xff.
-        a.mov(rbx, guest::LAPIC_SVR)?;
-        a.mov(dword_ptr(rbx), 0x1ff)?;
-        // 8259 PICs: mask every line (timer interrupts must arrive only the tested way).
-        a.mov(al, 0xff)?;
-        a.out(0x21, al)?;
-        a.out(0xa1, al)?;
+        // Timer interrupts must arrive only the tested way: the 8259 PICs are masked.
+        a.setup_interrupts()?;
         match source {
             TimerSource::PitThroughIoapic(pin) => {
-                // IOAPIC redirection entry `pin`: vector, fixed delivery, physical destination
-                // APIC 0, edge triggered, active high, unmasked.
-                a.mov(rbx, guest::IOAPIC_BASE)?;
-                a.mov(dword_ptr(rbx), 0x10 + 2 * i32::from(pin))?;
-                a.mov(dword_ptr(rbx + 0x10), i32::from(TIMER_VECTOR))?;
-                a.mov(dword_ptr(rbx), 0x11 + 2 * i32::from(pin))?;
-                a.mov(dword_ptr(rbx + 0x10), 0)?;
+                a.ioapic_route(pin, TIMER_VECTOR)?;
                 // PIT channel 0, lobyte/hibyte, mode 2 (rate generator), divisor 11932.
                 a.mov(al, 0x34)?;
                 a.out(0x43, al)?;
@@ -754,19 +697,9 @@ fn write_timer_guest(dir: &Path, source: TimerSource) -> PathBuf {
         a.jb(wait)?;
         a.cli()?;
         a.print(&format!("{WANTED_TICKS} timer interrupts\n"))?;
-        a.exit(0)?;
-        let main = a.assemble(LOAD_ADDR);
-
-        let mut image = Image::new();
-        image
-            .place(LOAD_ADDR, &main)
-            .place(HANDLERS, &handlers)
-            .place(IDT, &idt);
-        Ok(image)
+        a.exit(0)
     };
-    build()
-        .unwrap_or_else(|e| panic!("building the {source:?} timer guest: {e}"))
-        .write(&dir.join("timer.elf"))
+    guest::write_interrupt_guest(dir, "timer.elf", timer_handler, main)
 }
 
 /// Boots the timer guest for `source` and checks it counted its ticks.

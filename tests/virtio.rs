@@ -14,8 +14,7 @@ use std::time::Duration;
 
 use iced_x86::code_asm::*;
 
-use common::elf::LOAD_ADDR;
-use common::guest::{self, Asm, AsmResult, Image, DATA_AREA};
+use common::guest::{self, Asm, AsmResult, DATA_AREA, UNEXPECTED_VECTOR_EXIT};
 use common::process::{run, run_guest, TestTimer};
 use common::qmp_client::QmpClient;
 use common::TempDir;
@@ -36,10 +35,6 @@ const RNG_VECTOR: u8 = 0x40;
 
 /// Where the kernel command line is (the VMM's layout).
 const CMDLINE: u64 = 0x20000;
-/// Interrupt handlers, IDT and its pseudo-descriptor in the image.
-const HANDLERS: u64 = LOAD_ADDR + 0x2000;
-const IDT: u64 = LOAD_ADDR + 0x3000;
-const IDTR: u64 = IDT + 256 * 16;
 /// Per-device counters: interrupts taken, and the last InterruptStatus read.
 const RNG_IRQS: u64 = DATA_AREA;
 const RNG_ISR: u64 = DATA_AREA + 0x8;
@@ -56,8 +51,6 @@ const DISK_DATA: u64 = 0x43_1000;
 const DISK_STATUS: u64 = 0x43_2000;
 /// Bytes the guest prints from the disk's first sector.
 const DISK_TEXT_LEN: usize = 16;
-/// Exit status of an unexpected interrupt or exception.
-const UNEXPECTED_EXIT: u8 = 77;
 
 // virtio-mmio registers.
 const REG_MAGIC: u64 = 0x00;
@@ -79,17 +72,6 @@ const REG_QUEUE_DESC: u64 = 0x80;
 const REG_QUEUE_AVAIL: u64 = 0x90;
 const REG_QUEUE_USED: u64 = 0xa0;
 const QUEUE_SIZE: u32 = 8;
-
-/// Encodes a 64-bit interrupt gate (present, DPL 0, type 0xE) to `handler` in segment 0x08.
-fn interrupt_gate(handler: u64) -> [u8; 16] {
-    let mut gate = [0u8; 16];
-    gate[0..2].copy_from_slice(&(handler as u16).to_le_bytes());
-    gate[2..4].copy_from_slice(&0x08u16.to_le_bytes());
-    gate[5] = 0x8e;
-    gate[6..8].copy_from_slice(&((handler >> 16) as u16).to_le_bytes());
-    gate[8..12].copy_from_slice(&((handler >> 32) as u32).to_le_bytes());
-    gate
-}
 
 /// `[addr] = value` (32 bits). Clobbers `rbx`.
 fn write32(a: &mut Asm, addr: u64, value: u32) -> AsmResult {
@@ -232,19 +214,10 @@ fn irq_handler(a: &mut Asm, base: u64, irqs: u64, isr: u64) -> AsmResult {
     a.mov(dword_ptr(rbx), eax)?;
     a.mov(rbx, irqs)?;
     a.lock().inc(qword_ptr(rbx))?;
-    a.mov(rbx, guest::LAPIC_BASE + 0xb0)?;
-    a.mov(dword_ptr(rbx), 0)?;
+    a.lapic_eoi()?;
     a.pop(rbx)?;
     a.pop(rax)?;
     a.iretq()
-}
-
-/// Routes IOAPIC pin `pin` to `vector` (fixed, physical APIC 0, edge, active high).
-fn route(a: &mut Asm, pin: u8, vector: u8) -> AsmResult {
-    write32(a, guest::IOAPIC_BASE, 0x10 + 2 * u32::from(pin))?;
-    write32(a, guest::IOAPIC_BASE + 0x10, u32::from(vector))?;
-    write32(a, guest::IOAPIC_BASE, 0x11 + 2 * u32::from(pin))?;
-    write32(a, guest::IOAPIC_BASE + 0x10, 0)
 }
 
 /// Prints the NUL-terminated string at `addr`. Clobbers `al`, `dx`, `rsi`.
@@ -278,13 +251,7 @@ fn print_bytes(a: &mut Asm, addr: u64, len: usize) -> AsmResult {
 
 /// The main program: see the module documentation. Exits 0 at the end, or halts if `halt`.
 fn main_code(a: &mut Asm, halt: bool) -> AsmResult {
-    a.mov(rax, IDTR)?;
-    a.lidt(ptr(rax))?;
-    a.mov(rbx, guest::LAPIC_SVR)?;
-    a.mov(dword_ptr(rbx), 0x1ff)?;
-    a.mov(al, 0xff)?;
-    a.out(0x21, al)?;
-    a.out(0xa1, al)?;
+    a.setup_interrupts()?;
     a.print("cmdline: ")?;
     print_cstr(a, CMDLINE)?;
     a.print("\n")?;
@@ -292,8 +259,8 @@ fn main_code(a: &mut Asm, halt: bool) -> AsmResult {
     a.print("virtio-blk at 0xc0001000\n")?;
     check_identity(a, RNG_BASE, 4, 13)?;
     a.print("virtio-rng at 0xc0002000\n")?;
-    route(a, RNG_GSI, RNG_VECTOR)?;
-    route(a, DISK_GSI, DISK_VECTOR)?;
+    a.ioapic_route(RNG_GSI, RNG_VECTOR)?;
+    a.ioapic_route(DISK_GSI, DISK_VECTOR)?;
 
     // virtio-rng: one 16-byte device-writable buffer.
     init_device(a, RNG_BASE, RNG_QUEUE, 20)?;
@@ -347,53 +314,16 @@ fn write_guest_with_handlers(
     name: &str,
     main: impl FnOnce(&mut Asm) -> AsmResult,
 ) -> PathBuf {
-    let build = || -> AsmResult<Image> {
-        let mut a = Asm::new64();
+    let handlers = |a: &mut Asm| -> AsmResult<Vec<(u8, CodeLabel)>> {
         let mut rng = a.create_label();
         let mut disk = a.create_label();
-        let mut spurious = a.create_label();
-        let mut unexpected = a.create_label();
         a.set_label(&mut rng)?;
-        irq_handler(&mut a, RNG_BASE, RNG_IRQS, RNG_ISR)?;
+        irq_handler(a, RNG_BASE, RNG_IRQS, RNG_ISR)?;
         a.set_label(&mut disk)?;
-        irq_handler(&mut a, DISK_BASE, DISK_IRQS, DISK_ISR)?;
-        a.set_label(&mut spurious)?;
-        a.iretq()?;
-        a.set_label(&mut unexpected)?;
-        a.print("unexpected interrupt or exception\n")?;
-        a.exit(UNEXPECTED_EXIT)?;
-        let (handlers, addrs) =
-            a.assemble_with_labels(HANDLERS, &[rng, disk, spurious, unexpected]);
-        let mut idt = Vec::with_capacity(256 * 16 + 10);
-        for vector in 0..=255u8 {
-            let handler = match vector {
-                RNG_VECTOR => addrs[0],
-                DISK_VECTOR => addrs[1],
-                0xff => addrs[2],
-                _ => addrs[3],
-            };
-            idt.extend_from_slice(&interrupt_gate(handler));
-        }
-        idt.extend_from_slice(&(256u16 * 16 - 1).to_le_bytes());
-        idt.extend_from_slice(&IDT.to_le_bytes());
-
-        let mut a = Asm::new64();
-        main(&mut a)?;
-        let main = a.assemble(LOAD_ADDR);
-        assert!(
-            LOAD_ADDR + main.len() as u64 <= HANDLERS,
-            "main code too large"
-        );
-        let mut image = Image::new();
-        image
-            .place(LOAD_ADDR, &main)
-            .place(HANDLERS, &handlers)
-            .place(IDT, &idt);
-        Ok(image)
+        irq_handler(a, DISK_BASE, DISK_IRQS, DISK_ISR)?;
+        Ok(vec![(RNG_VECTOR, rng), (DISK_VECTOR, disk)])
     };
-    build()
-        .unwrap_or_else(|e| panic!("building the virtio guest: {e}"))
-        .write(&dir.join(name))
+    guest::write_interrupt_guest(dir, name, handlers, main)
 }
 
 /// Writes a 1 MiB image starting with `SKIFF-DISK-TEST!`.
@@ -503,7 +433,10 @@ const CHECKS: &[(u8, &str)] = &[
     (51, "disk used len == 513"),
     (52, "disk InterruptStatus had the used-buffer bit"),
     (53, "disk request status OK"),
-    (UNEXPECTED_EXIT, "no unexpected interrupt or exception"),
+    (
+        UNEXPECTED_VECTOR_EXIT,
+        "no unexpected interrupt or exception",
+    ),
 ];
 
 /// The guest finds a disk and an RNG at the first two virtio-mmio windows, reads 16 random
@@ -705,23 +638,19 @@ impl MigGuest<'_> {
 
     /// Checks qword `j` of the sector at `buf` is `rax | j`. Clobbers `rcx`, `rdx`, `rsi`.
     fn verify_sector(&mut self, buf: u64, letter: char) -> AsmResult {
-        let bad = self.fail_label(letter);
-        let a = &mut *self.a;
-        let mut next = a.create_label();
-        a.mov(rsi, buf)?;
-        a.xor(ecx, ecx)?;
-        a.set_label(&mut next)?;
-        a.mov(rdx, rax)?;
-        a.or(rdx, rcx)?;
-        a.cmp(qword_ptr(rsi + rcx * 8), rdx)?;
-        a.jne(bad)?;
-        a.inc(ecx)?;
-        a.cmp(ecx, 64)?;
-        a.jb(next)
+        self.sector_qwords(buf, Some(letter))
     }
 
     /// Fills the sector at `buf` with `rax | j` in qword `j`. Clobbers `rcx`, `rdx`, `rsi`.
     fn fill_sector(&mut self, buf: u64) -> AsmResult {
+        self.sector_qwords(buf, None)
+    }
+
+    /// Walks qwords `j` of the sector at `buf` with `rdx = rax | j`: compares each with it
+    /// (failure `letter` on a difference) when `check` is given, else stores it. Clobbers
+    /// `rcx`, `rdx`, `rsi`.
+    fn sector_qwords(&mut self, buf: u64, check: Option<char>) -> AsmResult {
+        let bad = check.map(|letter| self.fail_label(letter));
         let a = &mut *self.a;
         let mut next = a.create_label();
         a.mov(rsi, buf)?;
@@ -729,7 +658,13 @@ impl MigGuest<'_> {
         a.set_label(&mut next)?;
         a.mov(rdx, rax)?;
         a.or(rdx, rcx)?;
-        a.mov(qword_ptr(rsi + rcx * 8), rdx)?;
+        match bad {
+            Some(bad) => {
+                a.cmp(qword_ptr(rsi + rcx * 8), rdx)?;
+                a.jne(bad)?;
+            }
+            None => a.mov(qword_ptr(rsi + rcx * 8), rdx)?,
+        }
         a.inc(ecx)?;
         a.cmp(ecx, 64)?;
         a.jb(next)
@@ -774,17 +709,11 @@ fn word_of(reg: AsmRegister64) -> AsmRegister16 {
 /// Each completed disk request prints `.`; a failed check prints `X` and the check's letter
 /// and goes on with the next iteration.
 fn migration_guest_code(a: &mut Asm, pace: u32) -> AsmResult {
-    a.mov(rax, IDTR)?;
-    a.lidt(ptr(rax))?;
-    a.mov(rbx, guest::LAPIC_SVR)?;
-    a.mov(dword_ptr(rbx), 0x1ff)?;
-    a.mov(al, 0xff)?;
-    a.out(0x21, al)?;
-    a.out(0xa1, al)?;
+    a.setup_interrupts()?;
     check_identity(a, DISK_BASE, 2, 10)?;
     check_identity(a, RNG_BASE, 4, 13)?;
-    route(a, RNG_GSI, RNG_VECTOR)?;
-    route(a, DISK_GSI, DISK_VECTOR)?;
+    a.ioapic_route(RNG_GSI, RNG_VECTOR)?;
+    a.ioapic_route(DISK_GSI, DISK_VECTOR)?;
     init_device(a, RNG_BASE, RNG_QUEUE, 20)?;
     init_device(a, DISK_BASE, DISK_QUEUE, 40)?;
     descriptor(a, RNG_QUEUE, 0, RNG_BUF, 16, 2, 0)?;

@@ -41,6 +41,8 @@ pub const LAPIC_BASE: u64 = 0xfee0_0000;
 pub const LAPIC_ID: u64 = LAPIC_BASE + 0x20;
 /// Local APIC spurious interrupt vector register (bit 8: APIC software enable).
 pub const LAPIC_SVR: u64 = LAPIC_BASE + 0xf0;
+/// Local APIC end-of-interrupt register.
+pub const LAPIC_EOI: u64 = LAPIC_BASE + 0xb0;
 /// Local APIC interrupt command register, low half (writing it sends the IPI).
 pub const LAPIC_ICR_LOW: u64 = LAPIC_BASE + 0x300;
 /// Local APIC interrupt command register, high half (destination in bits 31:24).
@@ -157,6 +159,35 @@ impl Asm {
         self.cli()?;
         self.hlt()?;
         self.jmp(again)
+    }
+
+    /// Loads the IDT [`write_interrupt_guest`] lays out, software-enables the local APIC
+    /// (spurious vector 0xff) and masks both 8259 PICs, so interrupts arrive only through the
+    /// IOAPIC or the local APIC. Clobbers `rax`, `rbx`.
+    pub fn setup_interrupts(&mut self) -> AsmResult {
+        self.mov(rax, IDTR)?;
+        self.lidt(ptr(rax))?;
+        self.mov(rbx, LAPIC_SVR)?;
+        self.mov(dword_ptr(rbx), 0x1ff)?;
+        self.mov(al, 0xff)?;
+        self.out(0x21, al)?;
+        self.out(0xa1, al)
+    }
+
+    /// Signals the end of the interrupt to the local APIC. Clobbers `rbx`.
+    pub fn lapic_eoi(&mut self) -> AsmResult {
+        self.mov(rbx, LAPIC_EOI)?;
+        self.mov(dword_ptr(rbx), 0)
+    }
+
+    /// Routes IOAPIC pin `pin` to `vector`: fixed delivery, physical destination APIC 0, edge
+    /// triggered, active high, unmasked. Clobbers `rbx`.
+    pub fn ioapic_route(&mut self, pin: u8, vector: u8) -> AsmResult {
+        self.mov(rbx, IOAPIC_BASE)?;
+        self.mov(dword_ptr(rbx), 0x10 + 2 * i32::from(pin))?;
+        self.mov(dword_ptr(rbx + 0x10), i32::from(vector))?;
+        self.mov(dword_ptr(rbx), 0x11 + 2 * i32::from(pin))?;
+        self.mov(dword_ptr(rbx + 0x10), 0)
     }
 
     /// Resets the machine through the i8042 (command 0xfe), then halts. Clobbers `al`.
@@ -303,6 +334,81 @@ pub fn write_guest(dir: &Path, name: &str, body: impl FnOnce(&mut Asm) -> AsmRes
     body(&mut a).unwrap_or_else(|e| panic!("building guest {name}: {e}"));
     let code = a.assemble(LOAD_ADDR);
     Image::new().place(LOAD_ADDR, &code).write(&dir.join(name))
+}
+
+/// Where [`write_interrupt_guest`] places the interrupt handlers.
+pub const HANDLERS: u64 = LOAD_ADDR + 0x2000;
+/// Where [`write_interrupt_guest`] places the IDT (256 16-byte gates).
+pub const IDT: u64 = LOAD_ADDR + 0x3000;
+/// The IDT pseudo-descriptor (limit, base), right after the IDT.
+pub const IDTR: u64 = IDT + 256 * 16;
+/// Exit status of an interrupt guest when an interrupt or exception it has no handler for
+/// arrives.
+pub const UNEXPECTED_VECTOR_EXIT: u8 = 77;
+
+/// Encodes a 64-bit interrupt gate (present, DPL 0, type 0xE) to `handler` in code segment
+/// 0x08.
+pub fn interrupt_gate(handler: u64) -> [u8; 16] {
+    let mut gate = [0u8; 16];
+    gate[0..2].copy_from_slice(&(handler as u16).to_le_bytes());
+    gate[2..4].copy_from_slice(&0x08u16.to_le_bytes());
+    gate[5] = 0x8e;
+    gate[6..8].copy_from_slice(&((handler >> 16) as u16).to_le_bytes());
+    gate[8..12].copy_from_slice(&((handler >> 32) as u32).to_le_bytes());
+    gate
+}
+
+/// Builds a guest that takes interrupts and writes it as `dir/name`; returns the file's path.
+///
+/// `main` is assembled at the load address and should start with
+/// [`Asm::setup_interrupts`]. `handlers` assembles the guest's own interrupt handlers (at
+/// [`HANDLERS`]) and returns the vector and label of each; the spurious vector 0xff returns at
+/// once and any other vector prints `unexpected interrupt or exception` and exits with
+/// [`UNEXPECTED_VECTOR_EXIT`]. The IDT and its pseudo-descriptor follow at [`IDT`].
+pub fn write_interrupt_guest(
+    dir: &Path,
+    name: &str,
+    handlers: impl FnOnce(&mut Asm) -> AsmResult<Vec<(u8, CodeLabel)>>,
+    main: impl FnOnce(&mut Asm) -> AsmResult,
+) -> PathBuf {
+    let build = || -> AsmResult<Image> {
+        let mut a = Asm::new64();
+        let own = handlers(&mut a)?;
+        let mut spurious = a.create_label();
+        let mut unexpected = a.create_label();
+        a.set_label(&mut spurious)?;
+        a.iretq()?;
+        a.set_label(&mut unexpected)?;
+        a.print("unexpected interrupt or exception\n")?;
+        a.exit(UNEXPECTED_VECTOR_EXIT)?;
+        let mut labels: Vec<CodeLabel> = own.iter().map(|&(_, label)| label).collect();
+        labels.extend([spurious, unexpected]);
+        let (code, addrs) = a.assemble_with_labels(HANDLERS, &labels);
+        let mut idt = Vec::with_capacity(256 * 16 + 10);
+        for vector in 0..=255u8 {
+            let handler = match own.iter().position(|&(v, _)| v == vector) {
+                Some(i) => addrs[i],
+                None if vector == 0xff => addrs[own.len()],
+                None => addrs[own.len() + 1],
+            };
+            idt.extend_from_slice(&interrupt_gate(handler));
+        }
+        idt.extend_from_slice(&(256u16 * 16 - 1).to_le_bytes());
+        idt.extend_from_slice(&IDT.to_le_bytes());
+
+        let mut a = Asm::new64();
+        main(&mut a)?;
+        let main = a.assemble(LOAD_ADDR);
+        let mut image = Image::new();
+        image
+            .place(LOAD_ADDR, &main)
+            .place(HANDLERS, &code)
+            .place(IDT, &idt);
+        Ok(image)
+    };
+    build()
+        .unwrap_or_else(|e| panic!("building guest {name}: {e}"))
+        .write(&dir.join(name))
 }
 
 /// Encodes a GDT segment descriptor.

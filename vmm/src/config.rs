@@ -175,8 +175,27 @@ fn check_id(id: &str) -> Result<String, String> {
     }
 }
 
+/// Parses the `key=value,...` list `text` of a device option into a default `T`: `id=` is
+/// checked and stored where `id` says, every other key goes to `set`, which answers whether it
+/// knows the key.
+fn parse_option_list<T: Default>(
+    text: &str,
+    id: fn(&mut T) -> &mut Option<String>,
+    mut set: impl FnMut(&mut T, &str, &str) -> Result<bool, String>,
+) -> Result<T, String> {
+    let mut config = T::default();
+    for (key, value) in parse_options(text)? {
+        if key == "id" {
+            *id(&mut config) = Some(check_id(value)?);
+        } else if !set(&mut config, key, value)? {
+            return Err(format!("unknown option '{key}'"));
+        }
+    }
+    Ok(config)
+}
+
 /// `--disk`: a raw disk image behind a virtio-blk device.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct DiskConfig {
     /// Path of the raw image.
     pub path: PathBuf,
@@ -188,20 +207,19 @@ pub struct DiskConfig {
 
 impl DiskConfig {
     fn parse(text: &str) -> Result<Self, String> {
-        let mut disk = DiskConfig {
-            path: PathBuf::new(),
-            read_only: false,
-            id: None,
-        };
-        for (key, value) in parse_options(text)? {
-            match key {
-                "path" | "file" if !value.is_empty() => disk.path = value.into(),
-                "path" | "file" => return Err("empty path".to_string()),
-                "readonly" => disk.read_only = parse_switch(key, value)?,
-                "id" => disk.id = Some(check_id(value)?),
-                _ => return Err(format!("unknown option '{key}'")),
-            }
-        }
+        let disk = parse_option_list(
+            text,
+            |disk: &mut DiskConfig| &mut disk.id,
+            |disk, key, value| {
+                match key {
+                    "path" | "file" if !value.is_empty() => disk.path = value.into(),
+                    "path" | "file" => return Err("empty path".to_string()),
+                    "readonly" => disk.read_only = parse_switch(key, value)?,
+                    _ => return Ok(false),
+                }
+                Ok(true)
+            },
+        )?;
         if disk.path.as_os_str().is_empty() {
             return Err("path= is missing".to_string());
         }
@@ -221,7 +239,7 @@ impl FromStr for DiskConfig {
 }
 
 /// `--net`: a tap interface behind a virtio-net device.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct NetConfig {
     /// The tap interface name.
     pub tap: String,
@@ -253,19 +271,18 @@ pub fn parse_mac(text: &str) -> Result<[u8; 6], String> {
 
 impl NetConfig {
     fn parse(text: &str) -> Result<Self, String> {
-        let mut net = NetConfig {
-            tap: String::new(),
-            mac: None,
-            id: None,
-        };
-        for (key, value) in parse_options(text)? {
-            match key {
-                "tap" | "ifname" => net.tap = value.to_string(),
-                "mac" => net.mac = Some(parse_mac(value)?),
-                "id" => net.id = Some(check_id(value)?),
-                _ => return Err(format!("unknown option '{key}'")),
-            }
-        }
+        let net = parse_option_list(
+            text,
+            |net: &mut NetConfig| &mut net.id,
+            |net, key, value| {
+                match key {
+                    "tap" | "ifname" => net.tap = value.to_string(),
+                    "mac" => net.mac = Some(parse_mac(value)?),
+                    _ => return Ok(false),
+                }
+                Ok(true)
+            },
+        )?;
         if net.tap.is_empty() || net.tap.len() >= 16 || net.tap.contains('/') {
             return Err(format!(
                 "tap interface name '{}': expected 1 to 15 characters",

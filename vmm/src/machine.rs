@@ -336,33 +336,12 @@ impl Machine {
     pub fn restore_devices(&mut self, state: &DevicesState) -> Result<(), MachineError> {
         state.validate()?;
         virtio::check_matches(&self.virtio, &state.virtio)?;
-        let missing = MachineError::MissingDevice;
-        let (serial, i8042, cmos, port80) = (self.serial, self.i8042, self.cmos, self.port80);
-        let (ged, acpi_pm) = (self.ged, self.acpi_pm);
-        self.pio
-            .get_mut(serial)
-            .ok_or(missing("serial"))?
-            .restore(&state.serial)?;
-        self.pio
-            .get_mut(i8042)
-            .ok_or(missing("i8042"))?
-            .restore(&state.i8042)?;
-        self.pio
-            .get_mut(cmos)
-            .ok_or(missing("CMOS"))?
-            .restore(&state.cmos)?;
-        self.pio
-            .get_mut(port80)
-            .ok_or(missing("port 0x80"))?
-            .restore(&state.port80);
-        self.mmio
-            .get_mut(ged)
-            .ok_or(missing("GED"))?
-            .restore(&state.ged)?;
-        self.pio
-            .get_mut(acpi_pm)
-            .ok_or(missing("ACPI PM"))?
-            .restore(&state.acpi_pm)?;
+        device_mut(&mut self.pio, self.serial, "serial")?.restore(&state.serial)?;
+        device_mut(&mut self.pio, self.i8042, "i8042")?.restore(&state.i8042)?;
+        device_mut(&mut self.pio, self.cmos, "CMOS")?.restore(&state.cmos)?;
+        device_mut(&mut self.pio, self.port80, "port 0x80")?.restore(&state.port80);
+        device_mut(&mut self.mmio, self.ged, "GED")?.restore(&state.ged)?;
+        device_mut(&mut self.pio, self.acpi_pm, "ACPI PM")?.restore(&state.acpi_pm)?;
         for (slot, saved) in self.virtio.iter().zip(&state.virtio) {
             virtio::restore_slot(&mut self.mmio, slot, saved)?;
         }
@@ -378,6 +357,15 @@ fn device<'a, T: devices::bus::BusDevice>(
     name: &'static str,
 ) -> Result<&'a T, MachineError> {
     bus.get(id).ok_or(MachineError::MissingDevice(name))
+}
+
+/// The device behind `id` on `bus`, mutably, or [`MachineError::MissingDevice`] naming it.
+fn device_mut<'a, T: devices::bus::BusDevice>(
+    bus: &'a mut Bus,
+    id: DeviceId<T>,
+    name: &'static str,
+) -> Result<&'a mut T, MachineError> {
+    bus.get_mut(id).ok_or(MachineError::MissingDevice(name))
 }
 
 /// The big lock held: access to the [`Machine`].

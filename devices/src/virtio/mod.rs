@@ -40,6 +40,8 @@ pub const VIRTIO_F_VERSION_1: u64 = 1 << virtio_bindings::virtio_config::VIRTIO_
 /// Feature bit: the driver may use indirect descriptor tables.
 pub const VIRTIO_RING_F_INDIRECT_DESC: u64 =
     1 << virtio_bindings::virtio_ring::VIRTIO_RING_F_INDIRECT_DESC;
+/// The features every Skiff device offers: virtio 1.x and indirect descriptors.
+pub const BASE_FEATURES: u64 = VIRTIO_F_VERSION_1 | VIRTIO_RING_F_INDIRECT_DESC;
 
 /// Largest queue size any of Skiff's devices offers.
 pub const MAX_QUEUE_SIZE: u16 = 256;
@@ -103,10 +105,20 @@ pub trait VirtioDevice: Send + 'static {
     type State: Serialize + DeserializeOwned + Clone + Debug + PartialEq;
 
     /// The virtio device ID (`VIRTIO_ID_*`).
-    fn device_type(&self) -> u32;
+    const DEVICE_TYPE: u32;
 
     /// The maximum size of each of the device's queues; its length is the number of queues.
-    fn queue_max_sizes(&self) -> &[u16];
+    const QUEUE_MAX_SIZES: &'static [u16];
+
+    /// The virtio device ID: [`VirtioDevice::DEVICE_TYPE`].
+    fn device_type(&self) -> u32 {
+        Self::DEVICE_TYPE
+    }
+
+    /// The maximum size of each queue: [`VirtioDevice::QUEUE_MAX_SIZES`].
+    fn queue_max_sizes(&self) -> &[u16] {
+        Self::QUEUE_MAX_SIZES
+    }
 
     /// The feature bits the device offers, including [`VIRTIO_F_VERSION_1`].
     fn device_features(&self) -> u64;

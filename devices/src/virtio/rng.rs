@@ -8,10 +8,7 @@ use virtio_bindings::virtio_ids::VIRTIO_ID_RNG;
 use virtio_queue::desc::split::Descriptor;
 
 use super::chain::{collect_chain, ChainError};
-use super::{
-    process_chains, GuestMemory, Queue, VirtioDevice, VirtioError, VIRTIO_F_VERSION_1,
-    VIRTIO_RING_F_INDIRECT_DESC,
-};
+use super::{process_chains, GuestMemory, Queue, VirtioDevice, VirtioError, BASE_FEATURES};
 
 /// Size of the request queue.
 pub const RNG_QUEUE_SIZE: u16 = 256;
@@ -57,7 +54,6 @@ pub(crate) fn getrandom(buf: &mut [u8]) -> Result<(), RngError> {
 /// The virtio entropy device.
 #[derive(Debug)]
 pub struct Rng {
-    queue_sizes: [u16; 1],
     buf: Vec<u8>,
     descs: Vec<Descriptor>,
     bytes_served: u64,
@@ -73,7 +69,6 @@ impl Rng {
     /// Creates the device.
     pub fn new() -> Self {
         Self {
-            queue_sizes: [RNG_QUEUE_SIZE],
             buf: vec![0; CHUNK],
             descs: Vec::with_capacity(16),
             bytes_served: 0,
@@ -113,16 +108,11 @@ impl Rng {
 impl VirtioDevice for Rng {
     type State = RngState;
 
-    fn device_type(&self) -> u32 {
-        VIRTIO_ID_RNG
-    }
-
-    fn queue_max_sizes(&self) -> &[u16] {
-        &self.queue_sizes
-    }
+    const DEVICE_TYPE: u32 = VIRTIO_ID_RNG;
+    const QUEUE_MAX_SIZES: &'static [u16] = &[RNG_QUEUE_SIZE];
 
     fn device_features(&self) -> u64 {
-        VIRTIO_F_VERSION_1 | VIRTIO_RING_F_INDIRECT_DESC
+        BASE_FEATURES
     }
 
     fn read_config(&self, _offset: u64, data: &mut [u8]) {

@@ -16,6 +16,25 @@ const ZERO_CHUNK: usize = 64 * 1024;
 /// Source of the zeroes written when the file cannot zero a range itself.
 static ZEROES: [u8; ZERO_CHUNK] = [0; ZERO_CHUNK];
 
+/// Which way [`DiskFile::transfer`] moves data.
+#[derive(Clone, Copy, Debug)]
+enum Direction {
+    /// From the file into guest memory (`pread64`).
+    ToGuest,
+    /// From guest memory into the file (`pwrite64`).
+    FromGuest,
+}
+
+impl Direction {
+    /// The error of a transfer that moved nothing: end of file, or a write of zero bytes.
+    fn stalled(self) -> io::ErrorKind {
+        match self {
+            Direction::ToGuest => io::ErrorKind::UnexpectedEof,
+            Direction::FromGuest => io::ErrorKind::WriteZero,
+        }
+    }
+}
+
 /// Errors of the disk file.
 #[derive(Debug, thiserror::Error)]
 pub enum DiskError {
@@ -127,40 +146,7 @@ impl DiskFile {
         addr: GuestAddress,
         len: usize,
     ) -> Result<(), DiskError> {
-        let mut pos = offset;
-        Self::for_each_slice(mem, addr, len, |slice| {
-            let guard = slice.ptr_guard_mut();
-            let mut done = 0usize;
-            while done < guard.len() {
-                let at = libc::off64_t::try_from(pos + done as u64)
-                    .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
-                // SAFETY: the guard keeps `guard.len()` bytes of mapped guest memory valid for
-                // writes at `as_ptr()`; `done < guard.len()` keeps the range inside it. Guest
-                // memory is shared with the guest, which is why it is only accessed through
-                // this raw pointer and never as a Rust reference.
-                let ret = unsafe {
-                    libc::pread64(
-                        self.file.as_raw_fd(),
-                        guard.as_ptr().add(done).cast(),
-                        guard.len() - done,
-                        at,
-                    )
-                };
-                match ret {
-                    0 => return Err(io::Error::from(io::ErrorKind::UnexpectedEof).into()),
-                    n if n < 0 => {
-                        let err = io::Error::last_os_error();
-                        if err.kind() != io::ErrorKind::Interrupted {
-                            return Err(err.into());
-                        }
-                    }
-                    n => done += usize::try_from(n).unwrap_or(0),
-                }
-            }
-            slice.bitmap().mark_dirty(0, guard.len());
-            pos += guard.len() as u64;
-            Ok(())
-        })
+        self.transfer(Direction::ToGuest, mem, offset, addr, len)
     }
 
     /// Writes `len` bytes from guest memory at `addr` to file `offset`.
@@ -171,37 +157,85 @@ impl DiskFile {
         addr: GuestAddress,
         len: usize,
     ) -> Result<(), DiskError> {
+        self.transfer(Direction::FromGuest, mem, offset, addr, len)
+    }
+
+    /// Moves `len` bytes between file `offset` and guest memory at `addr`, one host slice at
+    /// a time; guest pages read into are marked dirty.
+    fn transfer(
+        &self,
+        dir: Direction,
+        mem: &GuestMemory,
+        offset: u64,
+        addr: GuestAddress,
+        len: usize,
+    ) -> Result<(), DiskError> {
         let mut pos = offset;
         Self::for_each_slice(mem, addr, len, |slice| {
-            let guard = slice.ptr_guard();
-            let mut done = 0usize;
-            while done < guard.len() {
-                let at = libc::off64_t::try_from(pos + done as u64)
-                    .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
-                // SAFETY: the guard keeps `guard.len()` bytes of mapped guest memory valid for
-                // reads at `as_ptr()`; `done < guard.len()` keeps the range inside it.
-                let ret = unsafe {
-                    libc::pwrite64(
-                        self.file.as_raw_fd(),
-                        guard.as_ptr().add(done).cast(),
-                        guard.len() - done,
-                        at,
-                    )
-                };
-                match ret {
-                    0 => return Err(io::Error::from(io::ErrorKind::WriteZero).into()),
-                    n if n < 0 => {
-                        let err = io::Error::last_os_error();
-                        if err.kind() != io::ErrorKind::Interrupted {
-                            return Err(err.into());
-                        }
-                    }
-                    n => done += usize::try_from(n).unwrap_or(0),
+            let done = match dir {
+                Direction::ToGuest => {
+                    let guard = slice.ptr_guard_mut();
+                    // SAFETY: the guard keeps `guard.len()` bytes of mapped guest memory valid
+                    // for writes at `as_ptr()` while it lives.
+                    unsafe { self.transfer_all(dir, guard.as_ptr(), guard.len(), pos)? };
+                    slice.bitmap().mark_dirty(0, guard.len());
+                    guard.len()
                 }
-            }
-            pos += guard.len() as u64;
+                Direction::FromGuest => {
+                    let guard = slice.ptr_guard();
+                    // SAFETY: the guard keeps `guard.len()` bytes of mapped guest memory valid
+                    // for reads at `as_ptr()` while it lives; they are only read.
+                    unsafe { self.transfer_all(dir, guard.as_ptr().cast_mut(), guard.len(), pos)? };
+                    guard.len()
+                }
+            };
+            pos += done as u64;
             Ok(())
         })
+    }
+
+    /// Moves all `len` bytes at `ptr` to or from file position `pos` (`pread64`/`pwrite64`),
+    /// continuing after short transfers and `EINTR`.
+    ///
+    /// # Safety
+    ///
+    /// `len` bytes at `ptr` must stay mapped for the call: writable for
+    /// [`Direction::ToGuest`], readable for [`Direction::FromGuest`] (which only reads them).
+    /// Guest memory is shared with the guest, which is why it is only accessed through this
+    /// raw pointer and never as a Rust reference.
+    unsafe fn transfer_all(
+        &self,
+        dir: Direction,
+        ptr: *mut u8,
+        len: usize,
+        pos: u64,
+    ) -> Result<(), DiskError> {
+        let fd = self.file.as_raw_fd();
+        let mut done = 0usize;
+        while done < len {
+            let at = libc::off64_t::try_from(pos + done as u64)
+                .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+            // SAFETY: the caller keeps `len` bytes at `ptr` mapped (writable for `ToGuest`);
+            // `done < len` keeps the range inside them.
+            let ret = unsafe {
+                let buf = ptr.add(done);
+                match dir {
+                    Direction::ToGuest => libc::pread64(fd, buf.cast(), len - done, at),
+                    Direction::FromGuest => libc::pwrite64(fd, buf.cast(), len - done, at),
+                }
+            };
+            match ret {
+                0 => return Err(io::Error::from(dir.stalled()).into()),
+                n if n < 0 => {
+                    let err = io::Error::last_os_error();
+                    if err.kind() != io::ErrorKind::Interrupted {
+                        return Err(err.into());
+                    }
+                }
+                n => done += usize::try_from(n).unwrap_or(0),
+            }
+        }
+        Ok(())
     }
 
     /// Makes all written data durable (`fsync`).

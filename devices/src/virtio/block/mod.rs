@@ -35,10 +35,7 @@ use request::{
 };
 
 use super::chain::{collect_chain, ChainError, Segments};
-use super::{
-    process_chains, GuestMemory, Queue, VirtioDevice, VirtioError, VIRTIO_F_VERSION_1,
-    VIRTIO_RING_F_INDIRECT_DESC,
-};
+use super::{process_chains, GuestMemory, Queue, VirtioDevice, VirtioError, BASE_FEATURES};
 
 /// Size of the request queue.
 pub const BLOCK_QUEUE_SIZE: u16 = 256;
@@ -152,7 +149,6 @@ pub struct Block {
     id: String,
     features: u64,
     acked_features: u64,
-    queue_sizes: [u16; 1],
     descs: Vec<Descriptor>,
     stats: BlockStats,
 }
@@ -181,10 +177,7 @@ impl Block {
         let disk = DiskFile::new(file, !read_only)?;
         let mut id = id.unwrap_or_else(|| disk.default_serial());
         truncate_utf8(&mut id, VIRTIO_BLK_ID_BYTES as usize);
-        let mut features = VIRTIO_F_VERSION_1
-            | VIRTIO_RING_F_INDIRECT_DESC
-            | (1 << VIRTIO_BLK_F_FLUSH)
-            | (1 << VIRTIO_BLK_F_SEG_MAX);
+        let mut features = BASE_FEATURES | (1 << VIRTIO_BLK_F_FLUSH) | (1 << VIRTIO_BLK_F_SEG_MAX);
         if read_only {
             features |= 1 << VIRTIO_BLK_F_RO;
         } else {
@@ -206,7 +199,6 @@ impl Block {
             id,
             features,
             acked_features: 0,
-            queue_sizes: [BLOCK_QUEUE_SIZE],
             descs: Vec::with_capacity(usize::from(BLOCK_QUEUE_SIZE)),
             stats: BlockStats::default(),
         })
@@ -591,13 +583,8 @@ fn truncate_utf8(s: &mut String, max: usize) {
 impl VirtioDevice for Block {
     type State = BlockState;
 
-    fn device_type(&self) -> u32 {
-        VIRTIO_ID_BLOCK
-    }
-
-    fn queue_max_sizes(&self) -> &[u16] {
-        &self.queue_sizes
-    }
+    const DEVICE_TYPE: u32 = VIRTIO_ID_BLOCK;
+    const QUEUE_MAX_SIZES: &'static [u16] = &[BLOCK_QUEUE_SIZE];
 
     fn device_features(&self) -> u64 {
         self.features

@@ -26,7 +26,7 @@ use super::block::read_config_bytes;
 use super::chain::{collect_chain, ChainError};
 use super::{
     add_used, needs_interrupt, process_chains, GuestMemory, Queue, VirtioDevice, VirtioError,
-    VIRTIO_F_VERSION_1, VIRTIO_RING_F_INDIRECT_DESC,
+    BASE_FEATURES,
 };
 
 /// Index of the receive queue.
@@ -87,7 +87,6 @@ pub struct Net<B: NetBackend> {
     backend: B,
     mac: MacAddr,
     acked_features: u64,
-    queue_sizes: [u16; 2],
     rx_buf: Vec<u8>,
     /// Length of the frame in `rx_buf` waiting for a receive buffer.
     rx_pending: Option<usize>,
@@ -103,7 +102,6 @@ impl<B: NetBackend> Net<B> {
             backend,
             mac: mac.unwrap_or_else(generate_mac),
             acked_features: 0,
-            queue_sizes: [NET_QUEUE_SIZE; 2],
             rx_buf: vec![0; MAX_FRAME_LEN],
             rx_pending: None,
             tx_buf: vec![0; MAX_FRAME_LEN],
@@ -267,19 +265,11 @@ impl<B: NetBackend> Net<B> {
 impl<B: NetBackend> VirtioDevice for Net<B> {
     type State = NetState;
 
-    fn device_type(&self) -> u32 {
-        VIRTIO_ID_NET
-    }
-
-    fn queue_max_sizes(&self) -> &[u16] {
-        &self.queue_sizes
-    }
+    const DEVICE_TYPE: u32 = VIRTIO_ID_NET;
+    const QUEUE_MAX_SIZES: &'static [u16] = &[NET_QUEUE_SIZE; 2];
 
     fn device_features(&self) -> u64 {
-        VIRTIO_F_VERSION_1
-            | VIRTIO_RING_F_INDIRECT_DESC
-            | (1 << VIRTIO_NET_F_MAC)
-            | (1 << VIRTIO_NET_F_STATUS)
+        BASE_FEATURES | (1 << VIRTIO_NET_F_MAC) | (1 << VIRTIO_NET_F_STATUS)
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {

@@ -101,6 +101,31 @@ fn request(
     (used_elem(vq, before).1, status(m))
 }
 
+/// A request for [`requests`]: type, sector, and the data buffer (length, flags) if any.
+type Req = (u32, u64, Option<(u32, u32)>);
+
+/// Submits each of `reqs` in turn ([`request`]) and returns their (used len, status).
+fn requests(
+    t: &mut MmioTransport<Block, CountingInterrupt>,
+    vq: &MockSplitQueue<'_, GuestMemory>,
+    m: &GuestMemory,
+    reqs: &[Req],
+) -> Vec<(u32, u8)> {
+    reqs.iter()
+        .map(|&(ty, sector, data)| request(t, vq, m, ty, sector, data))
+        .collect()
+}
+
+/// Like [`requests`], returning only the statuses.
+fn statuses(
+    t: &mut MmioTransport<Block, CountingInterrupt>,
+    vq: &MockSplitQueue<'_, GuestMemory>,
+    m: &GuestMemory,
+    reqs: &[Req],
+) -> Vec<u8> {
+    requests(t, vq, m, reqs).into_iter().map(|r| r.1).collect()
+}
+
 const OK: u8 = VIRTIO_BLK_S_OK as u8;
 const IOERR: u8 = VIRTIO_BLK_S_IOERR as u8;
 const UNSUPP: u8 = VIRTIO_BLK_S_UNSUPP as u8;
@@ -223,30 +248,20 @@ fn read_only_disk_refuses_writes() {
         (1, IOERR)
     );
     assert_eq!(img.contents(0, 512), vec![0; 512]);
-    // Discard and write-zeroes were not offered.
+    // Discard and write-zeroes were not offered; reads and flushes still work.
     assert_eq!(
-        request(&mut t, &vqs[0], &m, VIRTIO_BLK_T_DISCARD, 0, Some((16, R))),
-        (1, UNSUPP)
-    );
-    assert_eq!(
-        request(
+        requests(
             &mut t,
             &vqs[0],
             &m,
-            VIRTIO_BLK_T_WRITE_ZEROES,
-            0,
-            Some((16, R))
+            &[
+                (VIRTIO_BLK_T_DISCARD, 0, Some((16, R))),
+                (VIRTIO_BLK_T_WRITE_ZEROES, 0, Some((16, R))),
+                (VIRTIO_BLK_T_IN, 0, Some((512, W))),
+                (VIRTIO_BLK_T_FLUSH, 0, None),
+            ]
         ),
-        (1, UNSUPP)
-    );
-    // Reads and flushes still work.
-    assert_eq!(
-        request(&mut t, &vqs[0], &m, VIRTIO_BLK_T_IN, 0, Some((512, W))),
-        (513, OK)
-    );
-    assert_eq!(
-        request(&mut t, &vqs[0], &m, VIRTIO_BLK_T_FLUSH, 0, None),
-        (1, OK)
+        [(1, UNSUPP), (1, UNSUPP), (513, OK), (1, OK)]
     );
     assert_eq!(t.device().stats().failed_wr_operations, 1);
 }
@@ -305,16 +320,17 @@ fn discard_and_write_zeroes() {
     );
     segment(&m, u64::MAX, u32::MAX, 0);
     assert_eq!(
-        request(&mut t, vq, &m, VIRTIO_BLK_T_WRITE_ZEROES, 0, Some((16, R))).1,
-        IOERR
-    );
-    assert_eq!(
-        request(&mut t, vq, &m, VIRTIO_BLK_T_WRITE_ZEROES, 0, Some((15, R))).1,
-        UNSUPP
-    );
-    assert_eq!(
-        request(&mut t, vq, &m, VIRTIO_BLK_T_WRITE_ZEROES, 0, None).1,
-        UNSUPP
+        statuses(
+            &mut t,
+            vq,
+            &m,
+            &[
+                (VIRTIO_BLK_T_WRITE_ZEROES, 0, Some((16, R))),
+                (VIRTIO_BLK_T_WRITE_ZEROES, 0, Some((15, R))),
+                (VIRTIO_BLK_T_WRITE_ZEROES, 0, None),
+            ]
+        ),
+        [IOERR, UNSUPP, UNSUPP]
     );
 }
 
@@ -328,23 +344,19 @@ fn features_not_negotiated_are_unsupported() {
     let (mut t, vqs) = activated_with(&m, block, f);
     segment(&m, 0, 1, 0);
     assert_eq!(
-        request(
+        statuses(
             &mut t,
             &vqs[0],
             &m,
-            VIRTIO_BLK_T_WRITE_ZEROES,
-            0,
-            Some((16, R))
-        )
-        .1,
-        UNSUPP
+            &[
+                (VIRTIO_BLK_T_WRITE_ZEROES, 0, Some((16, R))),
+                (VIRTIO_BLK_T_DISCARD, 0, Some((16, R))),
+                (2, 0, None),
+                (0xdead, 0, None),
+            ]
+        ),
+        [UNSUPP; 4]
     );
-    assert_eq!(
-        request(&mut t, &vqs[0], &m, VIRTIO_BLK_T_DISCARD, 0, Some((16, R))).1,
-        UNSUPP
-    );
-    assert_eq!(request(&mut t, &vqs[0], &m, 2, 0, None).1, UNSUPP);
-    assert_eq!(request(&mut t, &vqs[0], &m, 0xdead, 0, None).1, UNSUPP);
     assert_eq!(img.contents(0, 1), vec![0]);
 }
 
@@ -356,50 +368,25 @@ fn out_of_range_and_misaligned_io_fail() {
     let vq = &vqs[0];
     let last = DISK_SIZE / 512 - 1;
     assert_eq!(
-        request(&mut t, vq, &m, VIRTIO_BLK_T_IN, last, Some((512, W))).1,
-        OK
-    );
-    assert_eq!(
-        request(&mut t, vq, &m, VIRTIO_BLK_T_IN, last, Some((1024, W))).1,
-        IOERR
-    );
-    assert_eq!(
-        request(&mut t, vq, &m, VIRTIO_BLK_T_OUT, last + 1, Some((512, R))).1,
-        IOERR
-    );
-    assert_eq!(
-        request(&mut t, vq, &m, VIRTIO_BLK_T_IN, u64::MAX, Some((512, W))).1,
-        IOERR
-    );
-    assert_eq!(
-        request(
+        statuses(
             &mut t,
             vq,
             &m,
-            VIRTIO_BLK_T_IN,
-            u64::MAX / 512,
-            Some((512, W))
-        )
-        .1,
-        IOERR
-    );
-    assert_eq!(
-        request(&mut t, vq, &m, VIRTIO_BLK_T_IN, 0, Some((100, W))).1,
-        IOERR
-    );
-    assert_eq!(
-        request(&mut t, vq, &m, VIRTIO_BLK_T_OUT, 0, Some((511, R))).1,
-        IOERR
-    );
-    // Direction mismatches: read data in a device-readable buffer, write data in a
-    // device-writable one.
-    assert_eq!(
-        request(&mut t, vq, &m, VIRTIO_BLK_T_IN, 0, Some((512, R))).1,
-        IOERR
-    );
-    assert_eq!(
-        request(&mut t, vq, &m, VIRTIO_BLK_T_OUT, 0, Some((512, W))).1,
-        IOERR
+            &[
+                (VIRTIO_BLK_T_IN, last, Some((512, W))),
+                (VIRTIO_BLK_T_IN, last, Some((1024, W))),
+                (VIRTIO_BLK_T_OUT, last + 1, Some((512, R))),
+                (VIRTIO_BLK_T_IN, u64::MAX, Some((512, W))),
+                (VIRTIO_BLK_T_IN, u64::MAX / 512, Some((512, W))),
+                (VIRTIO_BLK_T_IN, 0, Some((100, W))),
+                (VIRTIO_BLK_T_OUT, 0, Some((511, R))),
+                // Direction mismatches: read data in a device-readable buffer, write data in
+                // a device-writable one.
+                (VIRTIO_BLK_T_IN, 0, Some((512, R))),
+                (VIRTIO_BLK_T_OUT, 0, Some((512, W))),
+            ]
+        ),
+        [OK, IOERR, IOERR, IOERR, IOERR, IOERR, IOERR, IOERR, IOERR]
     );
     assert_eq!(img.contents(0, 512), vec![0; 512]);
 }

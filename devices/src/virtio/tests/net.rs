@@ -1,12 +1,40 @@
+use virtio_queue::mock::MockSplitQueue;
 use vm_memory::{Bytes, GuestAddress};
 
 use crate::bus::BusDevice;
 use crate::virtio::mmio::MmioTransport;
 use crate::virtio::net::*;
 use crate::virtio::test_utils::*;
-use crate::virtio::CountingInterrupt;
+use crate::virtio::{CountingInterrupt, GuestMemory};
 
 const MAC: MacAddr = [0x52, 0x54, 0, 1, 2, 3];
+
+/// A loopback net device with [`MAC`], activated on `m`.
+fn loopback(
+    m: &GuestMemory,
+) -> (
+    MmioTransport<Net<LoopbackBackend>, CountingInterrupt>,
+    Vec<MockSplitQueue<'_, GuestMemory>>,
+) {
+    activated(m, Net::new(LoopbackBackend::new(), Some(MAC)))
+}
+
+/// Injects `frames` into the back end, posts each of `bufs` as a one-descriptor receive chain
+/// (heads 0, 1, ...) and lets the device deliver.
+fn receive(
+    t: &mut MmioTransport<Net<LoopbackBackend>, CountingInterrupt>,
+    rx: &MockSplitQueue<'_, GuestMemory>,
+    frames: &[Vec<u8>],
+    bufs: &[(u64, u32, u32)],
+) {
+    for f in frames {
+        t.device_mut().backend_mut().inject(f);
+    }
+    for (head, buf) in (0..).zip(bufs) {
+        add_chain(rx, head, &[*buf]);
+    }
+    t.process_backend();
+}
 
 fn frame(len: usize, fill: u8) -> Vec<u8> {
     let mut f = vec![fill; len];
@@ -33,7 +61,7 @@ fn config_space_holds_mac_and_link_status() {
 #[test]
 fn tx_loops_back_to_rx() {
     let m = mem();
-    let (mut t, vqs) = activated(&m, Net::new(LoopbackBackend::new(), Some(MAC)));
+    let (mut t, vqs) = loopback(&m);
     let (rx, tx) = (&vqs[RX_QUEUE], &vqs[TX_QUEUE]);
     let f = frame(100, 0x5a);
     m.write_slice(&f[..40], GuestAddress(DATA)).unwrap();
@@ -64,13 +92,14 @@ fn tx_loops_back_to_rx() {
 #[test]
 fn rx_frames_that_do_not_fit_are_dropped() {
     let m = mem();
-    let (mut t, vqs) = activated(&m, Net::new(LoopbackBackend::new(), Some(MAC)));
+    let (mut t, vqs) = loopback(&m);
     let rx = &vqs[RX_QUEUE];
-    t.device_mut().backend_mut().inject(&frame(2000, 1));
-    t.device_mut().backend_mut().inject(&frame(60, 2));
-    add_chain(rx, 0, &[(DATA, 1526, W)]);
-    add_chain(rx, 1, &[(DATA + 0x1000, 1526, W)]);
-    t.process_backend();
+    receive(
+        &mut t,
+        rx,
+        &[frame(2000, 1), frame(60, 2)],
+        &[(DATA, 1526, W), (DATA + 0x1000, 1526, W)],
+    );
     assert_eq!(used_elem(rx, 0), (0, 0));
     assert_eq!(used_elem(rx, 1), (1, 60));
     assert_eq!(t.device().stats().rx_dropped, 1);
@@ -79,13 +108,18 @@ fn rx_frames_that_do_not_fit_are_dropped() {
 #[test]
 fn malformed_rx_buffers_keep_the_frame_for_the_next_one() {
     let m = mem();
-    let (mut t, vqs) = activated(&m, Net::new(LoopbackBackend::new(), Some(MAC)));
+    let (mut t, vqs) = loopback(&m);
     let rx = &vqs[RX_QUEUE];
-    t.device_mut().backend_mut().inject(&frame(60, 3));
-    add_chain(rx, 0, &[(DATA, 1526, R)]); // device-readable receive buffer
-    add_chain(rx, 1, &[(0x4000_0000, 1526, W)]); // outside guest RAM
-    add_chain(rx, 2, &[(DATA + 0x1000, 1526, W)]);
-    t.process_backend();
+    receive(
+        &mut t,
+        rx,
+        &[frame(60, 3)],
+        &[
+            (DATA, 1526, R),        // device-readable receive buffer
+            (0x4000_0000, 1526, W), // outside guest RAM
+            (DATA + 0x1000, 1526, W),
+        ],
+    );
     assert_eq!(used_idx(rx), 3);
     assert_eq!(used_elem(rx, 0), (0, 0));
     assert_eq!(used_elem(rx, 1), (1, 0));
@@ -96,7 +130,7 @@ fn malformed_rx_buffers_keep_the_frame_for_the_next_one() {
 #[test]
 fn malformed_tx_chains_are_dropped() {
     let m = mem();
-    let (mut t, vqs) = activated(&m, Net::new(LoopbackBackend::new(), Some(MAC)));
+    let (mut t, vqs) = loopback(&m);
     let tx = &vqs[TX_QUEUE];
     add_chain(tx, 0, &[(DATA, 60, R), (DATA + 0x100, 60, W)]); // write-only in TX
     add_chain(tx, 2, &[(DATA, 4, R)]); // shorter than the header
@@ -112,7 +146,7 @@ fn malformed_tx_chains_are_dropped() {
 #[test]
 fn reset_drops_the_held_frame_and_state_round_trips() {
     let m = mem();
-    let (mut t, _vqs) = activated(&m, Net::new(LoopbackBackend::new(), Some(MAC)));
+    let (mut t, _vqs) = loopback(&m);
     t.device_mut().backend_mut().inject(&frame(60, 3));
     t.process_backend();
     assert!(t.device().rx_blocked());
