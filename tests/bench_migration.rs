@@ -136,11 +136,15 @@ impl Ram {
     }
 }
 
-/// QEMU's migration bandwidth setting (Skiff always runs with its defaults).
+/// QEMU's migration bandwidth setting (Skiff always runs with its defaults), and whether the
+/// destination preallocates its RAM before the migration starts (Skiff `--mem-prealloc`,
+/// QEMU `prealloc=on`), so it loads RAM without first-touch page faults.
 #[derive(Clone, Copy, PartialEq)]
 enum Bandwidth {
     Default,
     Unthrottled,
+    /// Unthrottled, destination RAM preallocated.
+    Prealloc,
 }
 
 /// One migration as the source reported it.
@@ -290,15 +294,36 @@ fn write_filled_file(path: &Path, size: u64) -> Result<(), String> {
 }
 
 /// Starts one side of a migration. `incoming`: the destination's migration socket.
+/// How one side of a migration is started.
+#[derive(Clone, Copy, Default)]
+struct SideOptions {
+    /// The destination: listens for the migration.
+    incoming: bool,
+    /// Started stopped (-S).
+    paused: bool,
+    /// RAM preallocated at start-up.
+    prealloc: bool,
+}
+
+const SOURCE: SideOptions = SideOptions {
+    incoming: false,
+    paused: false,
+    prealloc: false,
+};
+
 fn spawn_side(
     vmm: Vmm,
     size: Size,
     ram: Ram,
     guests: &Guests,
     paths: &RunPaths,
-    incoming: bool,
-    paused: bool,
+    opts: SideOptions,
 ) -> Result<Proc, String> {
+    let SideOptions {
+        incoming,
+        paused,
+        prealloc,
+    } = opts;
     let side = if incoming { "dst" } else { "src" };
     let qmp = paths.qmp(side);
     let log = paths.dir.join(format!("{side}.log"));
@@ -322,6 +347,9 @@ fn spawn_side(
                 ))
                 .arg("--qmp")
                 .arg(format!("unix:{}", qmp.display()));
+            if prealloc {
+                cmd.arg("--mem-prealloc");
+            }
             (cmd, "--incoming")
         }
         Vmm::Qemu => {
@@ -337,11 +365,14 @@ fn spawn_side(
                 }
                 cmd.arg("-object")
                     .arg(format!(
-                        "memory-backend-file,id=ram,size={},mem-path={},share=on",
+                        "memory-backend-file,id=ram,size={},mem-path={},share=on,prealloc={}",
                         size.arg,
-                        file.display()
+                        file.display(),
+                        if prealloc { "on" } else { "off" }
                     ))
                     .args(["-machine", "memory-backend=ram"]);
+            } else if prealloc {
+                cmd.arg("-mem-prealloc");
             }
             (cmd, "-incoming")
         }
@@ -423,17 +454,29 @@ fn migrate_once(
     guests: &Guests,
     paths: &RunPaths,
 ) -> Result<Sample, String> {
-    let mut dst = spawn_side(vmm, size, ram, guests, paths, true, false)?;
+    let prealloc = bandwidth == Bandwidth::Prealloc;
+    let mut dst = spawn_side(
+        vmm,
+        size,
+        ram,
+        guests,
+        paths,
+        SideOptions {
+            incoming: true,
+            prealloc,
+            ..SOURCE
+        },
+    )?;
     let mut dq = open_qmp(&mut dst, &paths.qmp("dst")).map_err(|e| format!("destination {e}"))?;
     wait_path(&mut dst, &paths.migration).map_err(|e| format!("destination {e}"))?;
 
-    let mut src = spawn_side(vmm, size, ram, guests, paths, false, false)?;
+    let mut src = spawn_side(vmm, size, ram, guests, paths, SOURCE)?;
     let mut sq = open_qmp(&mut src, &paths.qmp("src")).map_err(|e| format!("source {e}"))?;
     if vmm == Vmm::Skiff && ram == Ram::Filled {
         wait_filled(&mut src, &paths.dir.join("src.serial"))?;
     }
     thread::sleep(SETTLE);
-    if bandwidth == Bandwidth::Unthrottled {
+    if vmm == Vmm::Qemu && bandwidth != Bandwidth::Default {
         sq.execute(
             "migrate-set-parameters",
             json!({"max-bandwidth": UNTHROTTLED_BPS}),
@@ -528,9 +571,11 @@ fn measure(
     dir: &TempDir,
 ) -> Row {
     let (name, short) = match (vmm, bandwidth) {
+        (Vmm::Skiff, Bandwidth::Prealloc) => ("skiff, preallocated destination", "sp"),
         (Vmm::Skiff, _) => ("skiff", "s"),
         (Vmm::Qemu, Bandwidth::Default) => ("qemu default", "qd"),
         (Vmm::Qemu, Bandwidth::Unthrottled) => ("qemu unthrottled", "qu"),
+        (Vmm::Qemu, Bandwidth::Prealloc) => ("qemu unthrottled, preallocated destination", "qp"),
     };
     eprintln!("measuring {name}, {} {}...", size.label, ram.label());
     let mut samples = Vec::with_capacity(runs);
@@ -701,10 +746,21 @@ fn postcopy_page_round_trip(
     let size = SIZES[0];
     let tag = if vmm == Vmm::Skiff { "pc-s" } else { "pc-q" };
     let paths = RunPaths::new(dir, shm_dir(dir), tag.to_string());
-    let mut dst = spawn_side(vmm, size, Ram::Filled, guests, &paths, true, true)?;
+    let mut dst = spawn_side(
+        vmm,
+        size,
+        Ram::Filled,
+        guests,
+        &paths,
+        SideOptions {
+            incoming: true,
+            paused: true,
+            ..SOURCE
+        },
+    )?;
     let mut dq = open_qmp(&mut dst, &paths.qmp("dst")).map_err(|e| format!("destination {e}"))?;
     wait_path(&mut dst, &paths.migration).map_err(|e| format!("destination {e}"))?;
-    let mut src = spawn_side(vmm, size, Ram::Filled, guests, &paths, false, false)?;
+    let mut src = spawn_side(vmm, size, Ram::Filled, guests, &paths, SOURCE)?;
     let mut sq = open_qmp(&mut src, &paths.qmp("src")).map_err(|e| format!("source {e}"))?;
     if vmm == Vmm::Skiff {
         wait_filled(&mut src, &paths.dir.join("src.serial"))?;
@@ -820,8 +876,10 @@ struct SizeResults {
     qemu_idle_default: Row,
     qemu_idle_unthrottled: Row,
     skiff_filled: Row,
+    skiff_filled_prealloc: Row,
     qemu_filled_default: Row,
     qemu_filled_unthrottled: Row,
+    qemu_filled_prealloc: Row,
     copy: Vec<f64>,
     copy_fresh: Vec<f64>,
 }
@@ -868,6 +926,16 @@ fn main() {
                 ),
                 qemu_filled_default: qemu_row(Ram::Filled, Bandwidth::Default, FILLED_RUNS),
                 qemu_filled_unthrottled: qemu_row(Ram::Filled, Bandwidth::Unthrottled, FILLED_RUNS),
+                skiff_filled_prealloc: measure(
+                    Vmm::Skiff,
+                    size,
+                    Ram::Filled,
+                    Bandwidth::Prealloc,
+                    FILLED_RUNS,
+                    &guests,
+                    &dir,
+                ),
+                qemu_filled_prealloc: qemu_row(Ram::Filled, Bandwidth::Prealloc, FILLED_RUNS),
                 copy: socket_copy_gib_s(size.bytes as usize, CopyTarget::Prefaulted),
                 copy_fresh: socket_copy_gib_s(size.bytes as usize, CopyTarget::Fresh),
             }
@@ -934,6 +1002,16 @@ fn main() {
             &r.qemu_filled_unthrottled,
             b,
         );
+        print_row(
+            &format!("{l} filled, skiff, prealloc dest"),
+            &r.skiff_filled_prealloc,
+            b,
+        );
+        print_row(
+            &format!("{l} filled, qemu unthr., prealloc"),
+            &r.qemu_filled_prealloc,
+            b,
+        );
         for (what, rates) in [
             ("memcpy over unix socket", &r.copy),
             ("same, into fresh memory", &r.copy_fresh),
@@ -991,6 +1069,14 @@ fn main() {
                 ">= 0.5",
             );
         }
+        target(
+            &format!("{l} filled, preallocated destination: skiff / socket memcpy"),
+            ram_rate(&r.skiff_filled_prealloc, b).map(|s| s / copy),
+            "x",
+            TARGET_VS_COPY,
+            true,
+            ">= 0.5",
+        );
     }
     let idle_256 = &results[0].skiff_idle;
     let downtime = match idle_256 {

@@ -361,9 +361,10 @@ fn start_slow_precopy(dir: &TempDir, kernel: &Path) -> (Vmm, Vmm) {
 /// postcopy that stays for minutes: starts a precopy that cannot converge, waits for its first
 /// complete pass, switches to postcopy at [`SLOW_POSTCOPY`] and waits for STOP on the source
 /// and (when `dest_runs`) RESUME on the destination, else for it to leave inmigrate.
-fn start_postcopy(dir: &TempDir, kernel: &Path, dest_runs: bool) -> (Vmm, Vmm) {
-    let dest_extra: &[&str] = if dest_runs { &[] } else { &["-S"] };
-    let (mut src, mut dest, uri) = start_pair(dir, kernel, dest_extra, true);
+fn start_postcopy(dir: &TempDir, kernel: &Path, dest_runs: bool, extra: &[&str]) -> (Vmm, Vmm) {
+    let mut dest_extra: Vec<&str> = if dest_runs { vec![] } else { vec!["-S"] };
+    dest_extra.extend_from_slice(extra);
+    let (mut src, mut dest, uri) = start_pair(dir, kernel, &dest_extra, true);
     src.set_parameters(json!({"max-bandwidth": SLOW_PRECOPY, "downtime-limit": 1,
                               "max-postcopy-bandwidth": SLOW_POSTCOPY}));
     src.exec("migrate", json!({ "uri": uri }));
@@ -408,7 +409,7 @@ fn start_postcopy_test(
         return None;
     }
     let (timer, dir, kernel) = start_test(name, tag);
-    let (src, dest) = start_postcopy(&dir, &kernel, dest_runs);
+    let (src, dest) = start_postcopy(&dir, &kernel, dest_runs, &[]);
     Some((timer, dir, src, dest))
 }
 
@@ -645,6 +646,38 @@ fn postcopy_with_paused_destination() {
     check_guest_ram(&during).unwrap_or_else(|r| panic!("{r}"));
     dest.exec("cont", Value::Null);
     check_destination_runs(&mut dest, &dir);
+}
+
+/// A destination that preallocated its RAM (`--mem-prealloc`): precopy loads into it; in a
+/// postcopy switched on before the guest's range was sent, those pages fault in from the
+/// source (the switch-over discards every page not sent) instead of reading zeroes.
+#[test]
+fn migration_into_preallocated_destination() {
+    const NAME: &str = "migration_into_preallocated_destination";
+    if !userfaultfd_available(NAME) {
+        return;
+    }
+    let (_t, dir, kernel) = start_test(NAME, "mig-prealloc");
+    let (mut src, mut dest, uri) = start_pair(&dir, &kernel, &["--mem-prealloc"], false);
+    src.exec("migrate", json!({ "uri": uri }));
+    wait_source_completed(&mut src);
+    check_incoming_completes(&mut dest, &dir);
+
+    // Postcopy at once, before precopy (at 64 KiB/s) reaches the guest's range: those pages
+    // were never sent, and must fault on the destination rather than read preallocated zeroes.
+    let dir = TempDir::new("mig-prealloc-postcopy");
+    let (mut src, mut dest, uri) = start_pair(&dir, &kernel, &["-S", "--mem-prealloc"], true);
+    src.set_parameters(json!({"max-bandwidth": 64 << 10, "downtime-limit": 1,
+                              "max-postcopy-bandwidth": SLOW_POSTCOPY}));
+    src.exec("migrate", json!({ "uri": uri }));
+    src.wait_migration_event("active");
+    src.exec("migrate-start-postcopy", Value::Null);
+    src.wait_migration_event("postcopy-active");
+    dest.wait_migration_event("postcopy-active");
+    let during = dest.read_range(&dir, "during.bin");
+    complete_postcopy(&mut src, &mut dest);
+    assert_matches_source(&mut src, &dir, &during, "pages read in postcopy");
+    check_paused_destination(&mut src, &mut dest, &dir);
 }
 
 /// Variant B: the destination's vCPUs run during postcopy and fault pages in.

@@ -325,6 +325,9 @@ pub struct VmConfig {
     pub start_paused: bool,
     /// End the VMM (status 0) instead of re-booting when the guest resets.
     pub no_reboot: bool,
+    /// Populate all guest RAM at start-up (QEMU's `-mem-prealloc`): no page fault on first
+    /// touch later, at the price of the whole RAM being resident at once.
+    pub mem_prealloc: bool,
     /// The VM's name (QMP `query-name`).
     pub name: Option<String>,
     /// Wait for an incoming migration instead of booting the kernel.
@@ -372,6 +375,7 @@ impl VmConfig {
             qmp: Vec::new(),
             start_paused: false,
             no_reboot: false,
+            mem_prealloc: false,
             name: None,
             incoming: None,
             disks: Vec::new(),

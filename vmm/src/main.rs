@@ -40,6 +40,10 @@ struct Cli {
     /// Exit (status 0) instead of re-booting when the guest resets.
     #[arg(long)]
     no_reboot: bool,
+    /// Populate all guest RAM at start-up, as QEMU's -mem-prealloc (a migration destination
+    /// then loads RAM without first-touch page faults).
+    #[arg(long = "mem-prealloc")]
+    mem_prealloc: bool,
     /// The VM's name, as QMP query-name reports it.
     #[arg(long, value_name = "NAME")]
     name: Option<String>,
@@ -124,6 +128,7 @@ fn main() -> ExitCode {
         qmp: cli.qmp,
         start_paused: cli.paused,
         no_reboot: cli.no_reboot,
+        mem_prealloc: cli.mem_prealloc,
         name: cli.name,
         incoming: cli.incoming,
         disks: cli.disk,

@@ -200,6 +200,9 @@ impl Vmm {
             virtio: virtio::windows(virtio_specs.len()),
         };
         let mem = memory::create_guest_memory(config.memory_bytes)?;
+        if config.mem_prealloc {
+            memory::populate_guest_memory(&mem)?;
+        }
         let kvm = KvmVm::new(&mem)?;
         // An incoming VM gets its RAM and registers from the migration stream.
         let entry = match config.incoming {

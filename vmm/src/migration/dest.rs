@@ -569,7 +569,9 @@ impl Dest {
             (Stage::Ram | Stage::Postcopy, Kind::RamPages) => self.load_pages(payload),
             (Stage::Ram | Stage::Postcopy, Kind::RamZero) => self.load_zero(payload),
             (Stage::Ram, Kind::PostcopyAdvise) => {
-                // Postcopy discards and places single 4 KiB pages.
+                // Postcopy discards and places single 4 KiB pages. (Pages never sent, also
+                // those of RAM preallocated with --mem-prealloc, are dropped by the
+                // switch-over's discards, which cover every page the source has not sent.)
                 self.ram.set_huge_pages(false);
                 Userfault::new().map(drop).map_err(DestError::from)
             }
