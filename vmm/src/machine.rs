@@ -245,8 +245,13 @@ impl Machine {
         }
     }
 
-    /// Lets virtio device `index` take its back end's input.
+    /// Lets virtio device `index` take its back end's input. A guest that is not running
+    /// takes none (as in QEMU): the input waits in the back end until it runs again, so a
+    /// migration's saved device state stays what the destination gets.
     pub fn virtio_backend_ready(&mut self, index: usize) {
+        if !self.run_state.is_running() {
+            return;
+        }
         let Some(handle) = self.virtio.get(index).map(|s| s.handle) else {
             return;
         };
@@ -263,7 +268,9 @@ impl Machine {
             .collect()
     }
 
-    fn rearm_virtio(&self) {
+    /// Asks the virtio event handler to re-check which back ends to watch (after a device,
+    /// or the run state, changed).
+    pub fn rearm_virtio(&self) {
         if !self.virtio.is_empty() {
             if let Err(e) = self.virtio_rearm.write(1) {
                 log::warn!("cannot signal the virtio event handler: {e}");

@@ -515,7 +515,9 @@ impl VirtioEvents {
             let Some(slot) = machine.virtio.get(tap.slot) else {
                 continue;
             };
-            let want = net_wants_input(&machine.mmio, slot.handle);
+            // A stopped guest takes no input: its tap is not watched until it runs.
+            let want =
+                machine.run_state.is_running() && net_wants_input(&machine.mmio, slot.handle);
             if want == tap.watched {
                 continue;
             }

@@ -246,10 +246,12 @@ impl Vm {
             }
         }
         self.wait_for_vcpus(machine, &[VcpuState::Paused, VcpuState::Exited]);
+        machine.rearm_virtio();
     }
 
     /// Lets every paused vCPU run again.
     pub fn resume_vcpus(&self, machine: &mut Machine) {
+        machine.rearm_virtio();
         for slot in machine.vcpus.iter_mut() {
             if slot.request == VcpuRequest::Pause {
                 slot.request = VcpuRequest::Run;

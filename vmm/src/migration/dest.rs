@@ -18,6 +18,7 @@ use super::ram::{AtomicBitmap, Bitmap, RamMap, PAGE_SIZE};
 use super::stream::{self, Kind, PageRun, SectionBody, StreamError};
 use super::uri::{Channel, Listener};
 use super::{MigrationState, Role};
+use crate::machine::MachineGuard;
 use crate::runstate::RunState;
 use crate::snapshot::{MachineState, SnapshotError};
 use crate::uffd::{UffdError, Userfault};
@@ -679,9 +680,12 @@ impl Dest {
         Ok(())
     }
 
+    fn parse_state(payload: &[u8]) -> Result<MachineState, DestError> {
+        serde_json::from_slice(payload).map_err(|e| DestError::State(e.to_string()))
+    }
+
     fn load_state(&mut self, payload: &[u8]) -> Result<(), DestError> {
-        let state: MachineState =
-            serde_json::from_slice(payload).map_err(|e| DestError::State(e.to_string()))?;
+        let state = Self::parse_state(payload)?;
         let vm = self.vm.clone();
         let mut machine = vm.lock();
         vm.restore_machine_state(&mut machine, &state)?;
@@ -689,13 +693,22 @@ impl Dest {
     }
 
     /// Postcopy switch-over: register RAM, load the devices, run.
+    ///
+    /// All of it happens under the big lock, and this thread never takes the lock again
+    /// until every page is in: once RAM is registered, a thread holding the lock (an in-band
+    /// QMP command, a vCPU emulating MMIO) may wait for a page that only this thread can
+    /// place. Holding the lock while registering guarantees nobody is touching RAM then.
     fn postcopy_run(&mut self, payload: &[u8]) -> Result<(), DestError> {
+        let state = Self::parse_state(payload)?;
+        let vm = self.vm.clone();
+        let mut machine = vm.lock();
         self.postcopy = Some(Postcopy::start(&self.ram, &self.received, &self.rp)?);
-        self.load_state(payload)?;
+        vm.restore_machine_state(&mut machine, &state)?;
         self.stage = Stage::Postcopy;
         self.state.set_status(MigrationStatus::PostcopyActive);
+        self.start_guest_locked(&mut machine);
+        drop(machine);
         self.rp.send(Kind::PostcopyRunning, &[]);
-        self.start_guest();
         Ok(())
     }
 
@@ -713,14 +726,20 @@ impl Dest {
 
     /// Leaves `inmigrate`: runs the guest (unless started with -S), as QEMU does.
     fn start_guest(&self) {
-        let mut machine = self.vm.lock();
+        let vm = self.vm.clone();
+        let mut machine = vm.lock();
+        self.start_guest_locked(&mut machine);
+    }
+
+    /// [`Dest::start_guest`] with the big lock held.
+    fn start_guest_locked(&self, machine: &mut MachineGuard<'_>) {
         if machine.run_state != RunState::Inmigrate {
             return;
         }
         if self.state.autostart() {
             machine.run_state = RunState::Running;
             self.vm.emit(Event::Resume);
-            self.vm.resume_vcpus(&mut machine);
+            self.vm.resume_vcpus(machine);
         } else {
             machine.run_state = RunState::Paused;
         }
