@@ -16,6 +16,7 @@ use std::process::{Child, Command, Stdio};
 use std::thread::sleep;
 use std::time::{Duration, Instant};
 
+use common::bench::median;
 use common::guest::write_guest;
 use common::TempDir;
 
@@ -24,11 +25,6 @@ const MEMORY_RUNS: usize = 5;
 const GUEST_RAM_KIB: u64 = 256 * 1024;
 /// How long a VMM idles before its memory is read.
 const SETTLE: Duration = Duration::from_millis(1500);
-
-fn median(values: &mut [f64]) -> f64 {
-    values.sort_by(|a, b| a.total_cmp(b));
-    values[values.len() / 2]
-}
 
 fn percentile(values: &mut [f64], p: f64) -> f64 {
     values.sort_by(|a, b| a.total_cmp(b));
@@ -143,18 +139,18 @@ fn main() {
     println!("startup benchmark ({START_RUNS} start runs, {MEMORY_RUNS} memory runs each)");
     println!(
         "  skiff start to first guest serial byte: median {:.2} ms, p90 {:.2} ms (target < 10 ms)",
-        median(&mut start_ms),
+        median(&start_ms),
         percentile(&mut start_ms, 0.9)
     );
-    let ours = median(&mut skiff_overhead);
+    let ours = median(&skiff_overhead);
     println!(
         "  skiff VMM memory overhead (RSS - guest RAM), 256 MiB guest: median {ours:.2} MiB (RSS {:.2} MiB; target < 5 MiB)",
-        median(&mut skiff_total)
+        median(&skiff_total)
     );
     if qemu_overhead.is_empty() {
         println!("  qemu microvm: not measured (qemu-system-x86_64 not installed or failed)");
     } else {
-        let theirs = median(&mut qemu_overhead);
+        let theirs = median(&qemu_overhead);
         println!(
             "  qemu -M microvm -accel kvm -m 256 overhead: median {theirs:.2} MiB; skiff/qemu = {:.3} (target < 0.1)",
             ours / theirs

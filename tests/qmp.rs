@@ -312,6 +312,22 @@ fn expect_parse_error(vm: &Vm, client: &mut QmpClient, desc: &str) {
     expect_error(vm, client, None, "GenericError", desc);
 }
 
+/// Executes argument-less `command` with `id`, expects the empty reply, then `event` with
+/// `data` as the very next message.
+fn execute_then_event(
+    vm: &Vm,
+    client: &mut QmpClient,
+    command: &str,
+    id: &str,
+    event: &str,
+    data: Option<Value>,
+) {
+    vm.ok(client.send(&json!({"execute": command, "id": id})));
+    expect_return(vm, client, &json!(id), &json!({}));
+    let message = vm.ok(client.read_message(DEFAULT_TIMEOUT));
+    assert_event(vm, &message, event, data);
+}
+
 /// Reads the next message and asserts it is the reply `{"return": ret, "id": id}`.
 fn expect_return(vm: &Vm, client: &mut QmpClient, id: &Value, ret: &Value) {
     let msg = vm.ok(client.read_message(DEFAULT_TIMEOUT));
@@ -1012,12 +1028,11 @@ fn system_reset_reboots_guest() {
     let vm = Vm::idle("reset", &[]);
     vm.wait_ready(1);
     let mut c = vm.open(0, false);
-    vm.ok(c.send(&json!({"execute": "system_reset", "id": "r1"})));
-    expect_return(&vm, &mut c, &json!("r1"), &json!({}));
-    let event = vm.ok(c.read_message(DEFAULT_TIMEOUT));
-    assert_event(
+    execute_then_event(
         &vm,
-        &event,
+        &mut c,
+        "system_reset",
+        "r1",
         "RESET",
         Some(json!({"guest": false, "reason": "host-qmp-system-reset"})),
     );
@@ -1027,12 +1042,11 @@ fn system_reset_reboots_guest() {
     // Reset while paused: prelaunch, and the guest runs again only after cont.
     vm.ok(c.execute("stop", Value::Null));
     vm.ok(c.wait_event("STOP", DEFAULT_TIMEOUT));
-    vm.ok(c.send(&json!({"execute": "system_reset", "id": "r2"})));
-    expect_return(&vm, &mut c, &json!("r2"), &json!({}));
-    let event = vm.ok(c.read_message(DEFAULT_TIMEOUT));
-    assert_event(
+    execute_then_event(
         &vm,
-        &event,
+        &mut c,
+        "system_reset",
+        "r2",
         "RESET",
         Some(json!({"guest": false, "reason": "host-qmp-system-reset"})),
     );
@@ -1143,12 +1157,11 @@ fn internal_error_state() {
             "Resetting the Virtual Machine is required".to_string()
         )
     );
-    vm.ok(c.send(&json!({"execute": "system_reset", "id": "r"})));
-    expect_return(&vm, &mut c, &json!("r"), &json!({}));
-    let event = vm.ok(c.read_message(DEFAULT_TIMEOUT));
-    assert_event(
+    execute_then_event(
         &vm,
-        &event,
+        &mut c,
+        "system_reset",
+        "r",
         "RESET",
         Some(json!({"guest": false, "reason": "host-qmp-system-reset"})),
     );
@@ -1164,12 +1177,11 @@ fn quit_exits_cleanly() {
     let vm = Vm::idle("quit", &[]);
     vm.wait_ready(1);
     let mut c = vm.open(0, false);
-    vm.ok(c.send(&json!({"execute": "quit", "id": "q"})));
-    expect_return(&vm, &mut c, &json!("q"), &json!({}));
-    let event = vm.ok(c.read_message(DEFAULT_TIMEOUT));
-    assert_event(
+    execute_then_event(
         &vm,
-        &event,
+        &mut c,
+        "quit",
+        "q",
         "SHUTDOWN",
         Some(json!({"guest": false, "reason": "host-qmp-quit"})),
     );

@@ -71,7 +71,7 @@ pub fn register_memory_slots(vm: &VmFd, mem: &GuestRam) -> Result<(), MemoryErro
 }
 
 /// madvise(2) advice that faults pages in for writing (Linux 5.14).
-const MADV_POPULATE_WRITE: libc::c_int = 23;
+pub const MADV_POPULATE_WRITE: libc::c_int = 23;
 
 /// Populates every page of guest RAM now (`--mem-prealloc`), so no page faults on first touch
 /// later. Kernels before 5.14 lack the advice: then every page is touched instead.

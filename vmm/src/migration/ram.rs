@@ -3,7 +3,7 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use crate::memory::GuestRam;
+use crate::memory::{GuestRam, MADV_POPULATE_WRITE};
 use kvm_bindings::{kvm_userspace_memory_region, KVM_MEM_LOG_DIRTY_PAGES};
 use kvm_ioctls::VmFd;
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
@@ -11,8 +11,6 @@ use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 /// Migration moves guest RAM in pages of this size.
 pub const PAGE_SIZE: usize = 4096;
 const PAGE_SHIFT: u32 = 12;
-/// madvise(2) advice that faults pages in for writing (Linux 5.14).
-const MADV_POPULATE_WRITE: libc::c_int = 23;
 
 /// One RAM region: guest-physical start, length, host mapping, first page number.
 #[derive(Debug, Clone, Copy)]
