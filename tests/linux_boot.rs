@@ -271,11 +271,11 @@ fn linux_boots_to_init() {
     let _t = TestTimer::start("linux_boots_to_init");
     let probe = common::kvm::probe();
     if !probe.hardware_assisted {
-        eprintln!(
+        common::skipped(format_args!(
             "SKIPPED: this host's KVM emulates guest code ({:.2} µs per instruction measured), \
              Linux user space cannot run here (see kvm-here.md)",
             probe.us_per_instruction
-        );
+        ));
         return;
     }
     let guest = guest_artifacts();

@@ -296,11 +296,15 @@ fn postcopy_vcpu_faults_supported(test: &str) -> bool {
     match userfault_vcpu_faults_work() {
         Ok(true) => true,
         Ok(false) => {
-            println!("SKIPPED: {test}: vCPU faults on userfaultfd memory do not work on this host");
+            common::skipped(format_args!(
+                "SKIPPED: {test}: vCPU faults on userfaultfd memory do not work on this host"
+            ));
             false
         }
         Err(e) => {
-            println!("SKIPPED: {test}: the userfaultfd probe could not run: {e}");
+            common::skipped(format_args!(
+                "SKIPPED: {test}: the userfaultfd probe could not run: {e}"
+            ));
             false
         }
     }
@@ -311,7 +315,9 @@ fn userfaultfd_available(test: &str) -> bool {
     match skiff::uffd::Userfault::new() {
         Ok(_) => true,
         Err(e) => {
-            println!("SKIPPED: {test}: userfaultfd is not available: {e}");
+            common::skipped(format_args!(
+                "SKIPPED: {test}: userfaultfd is not available: {e}"
+            ));
             false
         }
     }
@@ -1235,9 +1241,9 @@ fn python_qemu_qmp_drives_postcopy_recovery() {
     const NAME: &str = "python_qemu_qmp_drives_postcopy_recovery";
     let python = repo_root().join("resources/build/venv/bin/python");
     if !python.exists() {
-        println!(
+        common::skipped(format_args!(
             "SKIPPED: {NAME}: no venv at resources/build/venv (run resources/install-deps.sh)"
-        );
+        ));
         return;
     }
     if !userfaultfd_available(NAME) {

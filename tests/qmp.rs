@@ -1130,10 +1130,10 @@ fn internal_error_state() {
             break status;
         }
         if vm.skiff.stdout_text().contains("survived") {
-            eprintln!(
+            common::skipped(format_args!(
                 "SKIPPED: this host's KVM executed popcnt natively (hardware-assisted), so \
                  there is no internal error to observe"
-            );
+            ));
             return;
         }
         thread::sleep(Duration::from_millis(5));
@@ -1809,7 +1809,7 @@ fn client_disconnect_mid_command() {
 fn python_qemu_qmp_client() {
     let _t = TestTimer::start("python_qemu_qmp_client");
     let Some(python) = venv_bin("python") else {
-        println!("SKIPPED: python_qemu_qmp_client: no venv at resources/build/venv (run resources/install-deps.sh)");
+        common::skipped(format_args!("SKIPPED: python_qemu_qmp_client: no venv at resources/build/venv (run resources/install-deps.sh)"));
         return;
     };
     let vm = Vm::idle("py-qmp", &[]);
@@ -1833,7 +1833,7 @@ fn python_qemu_qmp_client() {
 fn python_qmp_shell() {
     let _t = TestTimer::start("python_qmp_shell");
     let Some(shell) = venv_bin("qmp-shell") else {
-        println!("SKIPPED: python_qmp_shell: no venv at resources/build/venv (run resources/install-deps.sh)");
+        common::skipped(format_args!("SKIPPED: python_qmp_shell: no venv at resources/build/venv (run resources/install-deps.sh)"));
         return;
     };
     let vm = Vm::idle("qmp-shell", &["--name", "shell-vm"]);

@@ -708,7 +708,9 @@ fn check_timer(source: TimerSource) {
     let kernel = write_timer_guest(dir.path(), source);
     let done = run_guest(&kernel, &[], GUEST_TIMEOUT);
     if done.code() == Some(i32::from(NO_TSC_DEADLINE_EXIT)) {
-        eprintln!("SKIPPED: the guest CPU does not report TSC-deadline timer support");
+        common::skipped(format_args!(
+            "SKIPPED: the guest CPU does not report TSC-deadline timer support"
+        ));
         return;
     }
     if done.code() == Some(i32::from(UNEXPECTED_VECTOR_EXIT)) {
@@ -778,10 +780,10 @@ fn emulation_failure_reports_internal_error() {
 
     let done = run_guest(&kernel, &[], GUEST_TIMEOUT);
     if done.code() == Some(0) && done.stdout == "before\nsurvived\n" {
-        eprintln!(
+        common::skipped(format_args!(
             "SKIPPED: this host's KVM executed popcnt natively (hardware-assisted), so there is \
              no emulation failure to observe"
-        );
+        ));
         return;
     }
     done.assert_exit(1);

@@ -1206,7 +1206,7 @@ fn wait_in_order(
 fn linux_probes_virtio_blk_and_gets_dhcp_over_virtio_net() {
     let _t = TestTimer::start("linux_probes_virtio_blk_and_gets_dhcp_over_virtio_net");
     if let Some(why) = DhcpNetns::unavailable() {
-        eprintln!("SKIPPED: {why}");
+        common::skipped(format_args!("SKIPPED: {why}"));
         return;
     }
     let root = common::repo_root();

@@ -26,6 +26,14 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
+/// Reports a test that cannot run on this host: writes `message` (which starts with
+/// `SKIPPED:` and gives the reason) straight to the process's stderr, past the test
+/// harness's output capture, so the skip shows in every test log instead of passing silently.
+pub fn skipped(message: std::fmt::Arguments<'_>) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "{message}");
+}
+
 /// Path of the `skiff` binary built by Cargo for this test run.
 pub fn skiff_bin() -> &'static str {
     env!("CARGO_BIN_EXE_skiff")
