@@ -41,6 +41,7 @@ const STREAM_HEADER_LEN: usize = 12;
 /// Section kinds of the stream (vmm/src/migration/stream.rs).
 const KIND_CONFIG: u8 = 1;
 const KIND_RAM_PAGES: u8 = 2;
+const KIND_RAM_ZERO: u8 = 3;
 const KIND_DEVICE_STATE: u8 = 4;
 const KIND_END: u8 = 5;
 
@@ -1057,6 +1058,8 @@ struct Section {
     start: usize,
     payload: usize,
     end: usize,
+    /// The guest-physical pages a RamPages or RamZero section carries.
+    pages: Vec<std::ops::Range<u64>>,
 }
 
 /// Splits a stream into its sections (the framing of vmm/src/migration/stream.rs).
@@ -1070,11 +1073,31 @@ fn parse_stream(bytes: &[u8]) -> Vec<Section> {
         let len = u32::from_le_bytes(bytes[at + 4..at + 8].try_into().expect("4 bytes")) as usize;
         let end = at + 8 + len + 4;
         assert!(end <= bytes.len(), "section at {at} overruns the file");
+        let payload = &bytes[at + 8..at + 8 + len];
+        let u64_at = |i: usize| u64::from_le_bytes(payload[i..i + 8].try_into().expect("8 bytes"));
+        let pages = match kind {
+            // Address, its check (4 bytes), pages.
+            KIND_RAM_PAGES => {
+                let start = u64_at(0);
+                std::iter::once(start..start + (len as u64 - 12) / 4096 * 4096).collect()
+            }
+            // Runs of (address, u32 page count).
+            KIND_RAM_ZERO => payload
+                .chunks_exact(12)
+                .map(|run| {
+                    let addr = u64::from_le_bytes(run[..8].try_into().expect("8 bytes"));
+                    let count = u32::from_le_bytes(run[8..].try_into().expect("4 bytes"));
+                    addr..addr + u64::from(count) * 4096
+                })
+                .collect(),
+            _ => Vec::new(),
+        };
         sections.push(Section {
             kind,
             start: at,
             payload: at + 8,
             end,
+            pages,
         });
         at = end;
     }
@@ -1140,11 +1163,24 @@ fn damaged_streams_are_refused() {
         );
     }
     // Cuts inside a section header, a payload and a checksum.
-    // A page section of at least two pages.
+    // A page section of at least two pages, none of which the stream carries again (a page
+    // sent again supersedes a damaged copy: the source resends every page the guest wrote
+    // during its send).
+    let overlaps = |a: &Section, b: &Section| {
+        a.pages
+            .iter()
+            .any(|x| b.pages.iter().any(|y| x.start < y.end && y.start < x.end))
+    };
     let pages = sections
         .iter()
-        .find(|s| s.kind == KIND_RAM_PAGES && s.end - s.payload >= 8 + 2 * 4096 + 4)
-        .expect("a section of pages");
+        .enumerate()
+        .find(|(i, s)| {
+            s.kind == KIND_RAM_PAGES
+                && s.end - s.payload >= 12 + 2 * 4096 + 4
+                && !sections[i + 1..].iter().any(|later| overlaps(s, later))
+        })
+        .map(|(_, s)| s)
+        .expect("a section of pages sent once");
     for (cut, what) in [
         (pages.start + 3, "a section header"),
         (pages.payload + 5000, "a section"),
@@ -1169,7 +1205,11 @@ fn damaged_streams_are_refused() {
         (pages.start + 1, "reserved bytes"),
         // A wrong length: the layout or the checksum is wrong then.
         (pages.start + 5, "RamPages section"),
-        (pages.payload + 8 + 4096 + 17, "checksum"),
+        (pages.payload + 3, "its address or length is corrupt"),
+        (
+            pages.payload + 12 + 4096 + 17,
+            "failed their checksum and were not sent again",
+        ),
         (state.payload + 10, "checksum"),
         (state.end - 1, "checksum"),
     ];
@@ -1228,6 +1268,56 @@ fn damaged_streams_are_refused() {
     finished.assert_exit(1);
     finished.assert_clean_error();
     assert!(finished.stderr.contains("1 vCPUs"), "{}", finished.dump());
+}
+
+/// The source sends guest RAM as it is while the guest runs, so a page the guest writes
+/// during its send may arrive with a bad checksum; the source sends it again (it is dirty),
+/// and that copy counts. Here a damaged copy of a page section is put before the good one:
+/// the restore completes with the good pages.
+#[test]
+fn damaged_pages_sent_again_are_superseded() {
+    let (_t, dir, kernel) = start_test("damaged_pages_sent_again_are_superseded", "mig-resent");
+    let snapshot = std::fs::read(save_snapshot(&dir, &kernel, "snap.bin")).expect("snapshot");
+    let sections = parse_stream(&snapshot);
+    let pages = sections
+        .iter()
+        .find(|s| s.kind == KIND_RAM_PAGES)
+        .expect("a section of pages");
+    let mut damaged = snapshot[pages.start..pages.end].to_vec();
+    damaged[8 + 12 + 100] ^= 0x41;
+    let mut stream = snapshot[..pages.start].to_vec();
+    stream.extend_from_slice(&damaged);
+    stream.extend_from_slice(&snapshot[pages.start..]);
+    let path = dir.join("resent.bin");
+    std::fs::write(&path, &stream).expect("write stream");
+
+    let range = &pages.pages[0];
+    let page_bytes = |vmm: &mut Vmm, name: &str| {
+        let file = dir.join(name);
+        vmm.exec(
+            "pmemsave",
+            json!({"val": range.start, "size": range.end - range.start, "filename": file}),
+        );
+        std::fs::read(&file).unwrap_or_else(|e| panic!("reading {}: {e}", file.display()))
+    };
+    let restore = |name: &str, file: &Path| {
+        let incoming = format!("file:{}", file.display());
+        let mut vmm = start_vmm(
+            &dir,
+            name,
+            &kernel,
+            &vm_args(&["-S", "--incoming", &incoming]),
+        );
+        vmm.wait_migration(&["completed"]);
+        vmm
+    };
+    let mut good = restore("good", &dir.join("snap.bin"));
+    let mut resent = restore("resent", &path);
+    assert!(
+        page_bytes(&mut good, "good.bin") == page_bytes(&mut resent, "resent-pages.bin"),
+        "the damaged copy was kept"
+    );
+    check_guest_ram(&resent.read_range(&dir, "range.bin")).unwrap_or_else(|r| panic!("{r}"));
 }
 
 // ---------------------------------------------------------------------------------------

@@ -202,6 +202,7 @@ impl Vmm {
         let mem = memory::create_guest_memory(config.memory_bytes)?;
         if config.mem_prealloc {
             memory::populate_guest_memory(&mem)?;
+            migration.note_ram_preallocated();
         }
         let kvm = KvmVm::new(&mem)?;
         // An incoming VM gets its RAM and registers from the migration stream.

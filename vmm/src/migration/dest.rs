@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::ram::{AtomicBitmap, Bitmap, RamMap, PAGE_SIZE};
-use super::stream::{self, Kind, PageRun, SectionBody, StreamError};
+use super::stream::{self, Kind, PageRun, RamPagesPrefix, SectionBody, StreamError};
 use super::uri::{Channel, Listener};
 use super::{MigrationState, Role};
 use crate::machine::MachineGuard;
@@ -28,7 +28,7 @@ use crate::vm::{Vm, VmAction};
 /// `migrate-recover`, in milliseconds.
 const RECOVER_POLL_MS: libc::c_int = 20;
 /// Read buffer of the incoming channel.
-const READ_BUFFER: usize = 64 << 10;
+const READ_BUFFER: usize = 64;
 
 /// The shape of the VM, sent first so a mismatched destination refuses the stream.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -93,6 +93,14 @@ pub enum DestError {
     /// userfaultfd failed.
     #[error("postcopy: {0}")]
     Userfault(#[from] UffdError),
+    /// Pages that failed their checksum were never sent again: the stream is corrupt.
+    #[error("{pages} pages of RAM failed their checksum and were not sent again (the first at {first:#x})")]
+    Unconfirmed {
+        /// How many.
+        pages: usize,
+        /// Guest-physical address of the first.
+        first: u64,
+    },
     /// Guest RAM could not be discarded.
     #[error("cannot discard guest RAM: {0}")]
     Discard(std::io::Error),
@@ -364,6 +372,9 @@ struct Dest {
     /// Pages this side wrote data to: the others are still untouched (an incoming VM's RAM
     /// starts unpopulated), so a zero page needs no work there.
     written: Bitmap,
+    /// Pages whose last data failed its section checksum: the source read them while the
+    /// guest wrote them, and must send them again (or discard them) before the switch-over.
+    unconfirmed: Bitmap,
     rp: Arc<ReturnPath>,
     postcopy: Option<Postcopy>,
     stage: Stage,
@@ -380,6 +391,7 @@ impl Dest {
             ram,
             received: Arc::new(AtomicBitmap::new(pages)),
             written: Bitmap::new(pages),
+            unconfirmed: Bitmap::new(pages),
             rp: Arc::new(ReturnPath::default()),
             postcopy: None,
             stage: Stage::Start,
@@ -524,43 +536,66 @@ impl Dest {
     }
 
     /// Precopy pages, read from the stream straight into guest RAM (one copy instead of
-    /// two). A bad checksum fails the migration, so the unchecked bytes are never run.
+    /// two). The address and length are checked before anything is written; pages whose data
+    /// then fails the section checksum are unconfirmed: the source read them while its guest
+    /// wrote them and sends them again (see [`Dest::check_confirmed`]). Nothing runs on them
+    /// before that.
     fn load_pages_in_place(
         &mut self,
         input: &mut BufReader<Channel>,
         mut body: SectionBody,
     ) -> Result<(), DestError> {
+        let mut prefix = [0u8; RamPagesPrefix::LEN];
+        body.read(input, &mut prefix)?;
+        let gpa = RamPagesPrefix::decode(&prefix, body.len, PAGE_SIZE)?.addr;
+        let count = (body.len - RamPagesPrefix::LEN) / PAGE_SIZE;
         let bad = |reason: String| {
             DestError::Stream(StreamError::Payload {
                 kind: Kind::RamPages,
                 reason,
             })
         };
-        if body.len < 8 + PAGE_SIZE || (body.len - 8) % PAGE_SIZE != 0 {
-            return Err(bad(format!(
-                "{} bytes is not an address and whole pages",
-                body.len
-            )));
-        }
-        let count = (body.len - 8) / PAGE_SIZE;
-        let mut gpa = [0u8; 8];
-        body.read(input, &mut gpa)?;
-        let gpa = u64::from_le_bytes(gpa);
         let pages = self
             .ram
             .run(gpa, count)
             .ok_or_else(|| bad(format!("{count} pages at {gpa:#x} are not guest RAM")))?;
+        let populate =
+            !self.state.ram_preallocated() && !pages.clone().all(|p| self.written.get(p));
         // SAFETY: `run` checked the pages lie in one region; in precopy the destination's
         // vCPUs are stopped and no userfaultfd is registered, so nothing else uses them.
-        let target = unsafe { self.ram.pages_mut(pages.start, count) }
+        let target = unsafe { self.ram.pages_mut(pages.start, count, populate) }
             .ok_or_else(|| bad(format!("no mapping for {gpa:#x}")))?;
         body.read(input, target)?;
-        body.finish(input)?;
+        let confirmed = match body.finish(input) {
+            Ok(_) => true,
+            Err(StreamError::Checksum { .. }) => {
+                log::debug!("migration: {count} pages at {gpa:#x} changed while they were sent");
+                false
+            }
+            Err(e) => return Err(e.into()),
+        };
         for page in pages {
             self.received.set(page);
             self.written.set(page);
+            if confirmed {
+                self.unconfirmed.clear(page);
+            } else {
+                self.unconfirmed.set(page);
+            }
         }
         Ok(())
+    }
+
+    /// Fails if a page whose data failed its checksum was not sent again: past this point
+    /// (the device state, or the postcopy switch-over) the source sends no more precopy.
+    fn check_confirmed(&self) -> Result<(), DestError> {
+        match self.unconfirmed.next_set(0) {
+            None => Ok(()),
+            Some(page) => Err(DestError::Unconfirmed {
+                pages: self.unconfirmed.count(),
+                first: self.ram.gpa(page).unwrap_or(0),
+            }),
+        }
     }
 
     fn apply(&mut self, kind: Kind, payload: &[u8]) -> Result<(), DestError> {
@@ -578,6 +613,7 @@ impl Dest {
             }
             (Stage::Ram, Kind::PostcopyDiscard) => self.discard(payload),
             (Stage::Ram, Kind::DeviceState) => {
+                self.check_confirmed()?;
                 self.load_state(payload)?;
                 self.stage = Stage::Loaded;
                 Ok(())
@@ -662,6 +698,7 @@ impl Dest {
                     self.written.clear(page);
                 }
                 self.received.set(page);
+                self.unconfirmed.clear(page);
             }
         }
         Ok(())
@@ -675,6 +712,7 @@ impl Dest {
             for page in pages {
                 self.received.clear(page);
                 self.written.clear(page);
+                self.unconfirmed.clear(page);
             }
         }
         Ok(())
@@ -699,6 +737,7 @@ impl Dest {
     /// QMP command, a vCPU emulating MMIO) may wait for a page that only this thread can
     /// place. Holding the lock while registering guarantees nobody is touching RAM then.
     fn postcopy_run(&mut self, payload: &[u8]) -> Result<(), DestError> {
+        self.check_confirmed()?;
         let state = Self::parse_state(payload)?;
         let vm = self.vm.clone();
         let mut machine = vm.lock();

@@ -134,6 +134,9 @@ pub struct MigrationState {
     ram_rewritten: AtomicBool,
     /// Whether the guest runs once an incoming migration completes (no -S, or `cont`).
     autostart: AtomicBool,
+    /// Whether guest RAM was populated at start-up (`--mem-prealloc`): a destination then
+    /// writes pages in place without populating them first.
+    ram_preallocated: AtomicBool,
     inner: Mutex<Inner>,
     changed: Condvar,
     events: OnceLock<EventSink>,
@@ -169,6 +172,7 @@ impl MigrationState {
             status: AtomicU8::new(encode(MigrationStatus::None)),
             ram_rewritten: AtomicBool::new(false),
             autostart: AtomicBool::new(true),
+            ram_preallocated: AtomicBool::new(false),
             inner: Mutex::new(Inner {
                 role: Role::None,
                 caps: Capabilities::default(),
@@ -332,6 +336,16 @@ impl MigrationState {
     /// Whether an incoming guest runs when its migration completes.
     pub fn autostart(&self) -> bool {
         self.autostart.load(Ordering::Acquire)
+    }
+
+    /// Notes that all guest RAM was populated at start-up.
+    pub fn note_ram_preallocated(&self) {
+        self.ram_preallocated.store(true, Ordering::Release);
+    }
+
+    /// Whether all guest RAM was populated at start-up.
+    pub fn ram_preallocated(&self) -> bool {
+        self.ram_preallocated.load(Ordering::Acquire)
     }
 
     /// Notes that guest RAM was rewritten outside KVM's dirty log.

@@ -142,21 +142,27 @@ impl RamMap {
             .unwrap_or(0)
     }
 
-    /// Copies page `page` into `out` (one page long).
-    pub fn read_page(&self, page: usize, out: &mut [u8]) {
-        if let Some(host) = self.host(page) {
-            // SAFETY: `host` is the start of a page inside a live guest mapping (see the type's
-            // contract) and `out` is a separate buffer of at least PAGE_SIZE bytes. vCPUs may
-            // write the page concurrently; migration copes with torn copies through the
-            // dirty log, which resends any page written after this read.
-            unsafe {
-                std::ptr::copy_nonoverlapping(host as *const u8, out.as_mut_ptr(), PAGE_SIZE)
-            };
+    /// The guest RAM of `count` pages from `page`, to send as it is (no copy); `None` unless
+    /// they lie in one region.
+    ///
+    /// # Safety
+    ///
+    /// vCPUs and devices may write these bytes while they are read. The caller only checks,
+    /// checksums and sends them, and copes with a torn read because the dirty log brings
+    /// every page written meanwhile back for another send.
+    pub unsafe fn live_pages(&self, page: usize, count: usize) -> Option<&[u8]> {
+        if self.clamp_run(page, count) != count {
+            return None;
         }
+        let host = self.host(page)?;
+        // SAFETY: the pages lie in one live guest mapping (checked above, see the type's
+        // contract) that outlives `self`; concurrent writes are the caller's contract.
+        Some(unsafe { std::slice::from_raw_parts(host as *const u8, count * PAGE_SIZE) })
     }
 
     /// The guest RAM of `count` pages from `page` (one region, as `run` checked) as a
-    /// mutable byte slice, populated for writing, to load a stream into directly.
+    /// mutable byte slice to load a stream into directly; populated for writing first when
+    /// `populate` (one call instead of a page fault per page; a waste on populated pages).
     ///
     /// # Safety
     ///
@@ -165,11 +171,13 @@ impl RamMap {
     // The slice is guest RAM reached through a raw host address, not borrowed from `self`;
     // exclusivity is the caller's contract above.
     #[allow(clippy::mut_from_ref)]
-    pub unsafe fn pages_mut(&self, page: usize, count: usize) -> Option<&mut [u8]> {
+    pub unsafe fn pages_mut(&self, page: usize, count: usize, populate: bool) -> Option<&mut [u8]> {
         let host = self.host(page)?;
         let len = count * PAGE_SIZE;
-        // SAFETY: see write_pages; populating changes no contents.
-        unsafe { libc::madvise(host as *mut libc::c_void, len, MADV_POPULATE_WRITE) };
+        if populate {
+            // SAFETY: see write_pages; populating changes no contents.
+            unsafe { libc::madvise(host as *mut libc::c_void, len, MADV_POPULATE_WRITE) };
+        }
         // SAFETY: the caller guarantees the range is one live mapping nobody else uses now.
         Some(unsafe { std::slice::from_raw_parts_mut(host as *mut u8, len) })
     }
@@ -627,14 +635,25 @@ mod tests {
         let mem = create_guest_memory(4 * MIB).unwrap();
         let ram = RamMap::new(&mem);
         ram.write_pages(2, &[9u8; 2 * PAGE_SIZE]);
-        let mut page = vec![0u8; PAGE_SIZE];
-        ram.read_page(3, &mut page);
-        assert!(page.iter().all(|b| *b == 9));
+        // SAFETY: no vCPU runs on this memory.
+        let page = |n| unsafe { ram.live_pages(n, 1) }.unwrap().to_vec();
+        assert!(page(3).iter().all(|b| *b == 9));
         ram.zero_page(3);
-        ram.read_page(3, &mut page);
-        assert!(is_zero(&page));
+        assert!(is_zero(&page(3)));
+        assert!(page(2).iter().all(|b| *b == 9));
         ram.discard(2, 1).unwrap();
-        ram.read_page(2, &mut page);
-        assert!(is_zero(&page));
+        assert!(is_zero(&page(2)));
+    }
+
+    #[test]
+    fn live_pages_stay_in_one_region() {
+        let mem = create_guest_memory(4 * MIB).unwrap();
+        let ram = RamMap::new(&mem);
+        let last = ram.pages() - 1;
+        // SAFETY: no vCPU runs on this memory.
+        unsafe {
+            assert_eq!(ram.live_pages(last, 1).map(<[u8]>::len), Some(PAGE_SIZE));
+            assert!(ram.live_pages(last, 2).is_none());
+        }
     }
 }

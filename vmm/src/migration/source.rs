@@ -4,7 +4,7 @@
 //! and everything else behind it. A broken connection in postcopy pauses the migration until
 //! `migrate resume=true` reconnects; nothing is lost.
 
-use std::io::{BufReader, BufWriter, Write};
+use std::io::BufReader;
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -12,20 +12,18 @@ use std::time::{Duration, Instant};
 use api::{Event, MigrationStatus};
 
 use super::ram::{is_zero, Bitmap, PageMap, RamError, RamMap, PAGE_SIZE};
-use super::stream::{self, Kind, PageRun, StreamError};
-use super::uri::{Channel, MigrationUri, UriError};
+use super::stream::{self, Kind, PageRun, SectionWriter, StreamError};
+use super::uri::{Channel, MigrationUri, PolledReader, UriError};
 use super::{MigrationState, Role};
 use crate::runstate::RunState;
 use crate::snapshot::{MachineState, SnapshotError};
 use crate::vm::Vm;
 
-/// Pages per `RamPages` section (256 KiB: the copy, checksum and send of a section stay in
-/// the CPU cache).
+/// Pages per `RamPages` section (256 KiB: what the checksum reads from RAM is still in the
+/// CPU cache when the kernel copies it to the socket).
 const PAGES_PER_SECTION: usize = 64;
 /// Zero-page runs collected before they are sent.
 const ZERO_RUNS_PER_SECTION: usize = 4096;
-/// Write buffer of the channel.
-const WRITE_BUFFER: usize = 64 << 10;
 /// How often a rate-limited or waiting sender looks at page requests.
 const POLL_INTERVAL: Duration = Duration::from_millis(5);
 
@@ -129,9 +127,9 @@ impl RateLimit {
     }
 }
 
-/// The live connection: buffered writer plus the replies of the return path.
+/// The live connection: section writer plus the replies of the return path.
 struct Connection {
-    out: BufWriter<Channel>,
+    out: SectionWriter<Channel>,
     replies: Option<Receiver<Reply>>,
 }
 
@@ -142,7 +140,6 @@ struct Source {
     dirty: Bitmap,
     /// Where the background scan continues.
     cursor: usize,
-    page_buf: Vec<u8>,
     zero_runs: Vec<u8>,
     zero_run_count: usize,
     sent_bytes: u64,
@@ -173,7 +170,6 @@ impl Source {
             ram,
             dirty: Bitmap::full(pages),
             cursor: 0,
-            page_buf: vec![0u8; PAGES_PER_SECTION * PAGE_SIZE],
             zero_runs: Vec::new(),
             zero_run_count: 0,
             sent_bytes: 0,
@@ -275,8 +271,7 @@ impl Source {
         } else {
             None
         };
-        let mut out = BufWriter::with_capacity(WRITE_BUFFER, channel);
-        stream::write_header(&mut out)?;
+        let out = SectionWriter::new(channel);
         self.count(stream::STREAM_HEADER_LEN as u64, Phase::Precopy);
         Ok(Connection { out, replies })
     }
@@ -294,7 +289,7 @@ impl Source {
         kind: Kind,
         parts: &[&[u8]],
     ) -> Result<(), SourceError> {
-        let n = stream::write_section(&mut conn.out, kind, parts)?;
+        let n = conn.out.section(kind, parts)?;
         self.count(n, self.phase());
         Ok(())
     }
@@ -431,13 +426,10 @@ impl Source {
         self.find_unpopulated(first, count);
         for i in 0..count {
             let page = first + i;
-            let slot = i * PAGE_SIZE;
             let untouched = self.unpopulated.get(i).copied().unwrap_or(false);
-            if !untouched {
-                self.ram
-                    .read_page(page, &mut self.page_buf[slot..slot + PAGE_SIZE]);
-            }
-            if untouched || is_zero(&self.page_buf[slot..slot + PAGE_SIZE]) {
+            // SAFETY: only checked for zero; a page the guest writes meanwhile is dirty again.
+            let is_zero_page = || unsafe { self.ram.live_pages(page, 1) }.is_some_and(is_zero);
+            if untouched || is_zero_page() {
                 zero += 1;
                 if let Some(start) = data_start.take() {
                     self.send_page_data(conn, first, start, data_pages, phase)?;
@@ -480,9 +472,18 @@ impl Source {
         pages: usize,
         phase: Phase,
     ) -> Result<(), SourceError> {
-        let gpa = self.ram.gpa(first + start).unwrap_or(0);
-        let data = &self.page_buf[start * PAGE_SIZE..(start + pages) * PAGE_SIZE];
-        let n = stream::write_section(&mut conn.out, Kind::RamPages, &[&gpa.to_le_bytes(), data])?;
+        let page = first + start;
+        let gpa = self.ram.gpa(page).unwrap_or(0);
+        // SAFETY: sent as it is: if the guest writes a page during the send, the section may
+        // fail its checksum at the destination, which then waits for the page again, and the
+        // dirty log sends it again.
+        let Some(data) = (unsafe { self.ram.live_pages(page, pages) }) else {
+            return Err(SourceError::State(format!(
+                "pages {page}..{} are not in one RAM region",
+                page + pages
+            )));
+        };
+        let n = conn.out.ram_pages(gpa, data)?;
         self.count(n, phase);
         Ok(())
     }
@@ -848,7 +849,7 @@ fn spawn_return_path(channel: Channel) -> Result<Receiver<Reply>, SourceError> {
 }
 
 fn read_return_path(channel: Channel, tx: Sender<Reply>) {
-    let mut input = BufReader::new(channel);
+    let mut input = BufReader::new(PolledReader::new(channel));
     let mut payload = Vec::new();
     loop {
         let reply = match stream::read_section(&mut input, &mut payload) {

@@ -9,14 +9,17 @@
 //!
 //! The reader checks the kind, the reserved bytes, the length limit and the checksum before
 //! any payload is used, so a truncated, corrupted or mismatched stream fails with an error
-//! that says which section was bad.
+//! that says which section was bad. The one exception is the page data of a `RamPages`
+//! section sent while the guest runs: the source reads it straight from guest RAM, which the
+//! guest may change under the send, so a mismatch there only means "send this page again"
+//! (its address and length have a check of their own; see [`RamPagesPrefix`]).
 
-use std::io::{self, Read, Write};
+use std::io::{self, IoSlice, Read, Write};
 
 /// The first bytes of every stream.
 pub const MAGIC: [u8; 8] = *b"SKIFFMIG";
 /// The stream format version this build writes and reads.
-pub const VERSION: u32 = 1;
+pub const VERSION: u32 = 2;
 /// Largest payload a section may carry (device state of many vCPUs fits easily).
 pub const MAX_SECTION_LEN: usize = 64 << 20;
 /// Bytes before the payload.
@@ -32,7 +35,8 @@ pub const STREAM_HEADER_LEN: usize = MAGIC.len() + 4;
 pub enum Kind {
     /// Source: the VM's shape (JSON), checked by the destination.
     Config = 1,
-    /// Source: a run of pages: u64 LE guest-physical address, then 4 KiB per page.
+    /// Source: a run of pages: u64 LE guest-physical address, u32 LE check of the header
+    /// and address ([`RamPagesPrefix`]), then 4 KiB per page.
     RamPages = 2,
     /// Source: runs of zero pages: (u64 LE address, u32 LE page count) each.
     RamZero = 3,
@@ -155,10 +159,14 @@ pub enum StreamError {
 
 /// Writes the stream header.
 pub fn write_header(out: &mut impl Write) -> io::Result<()> {
+    out.write_all(&stream_header())
+}
+
+fn stream_header() -> [u8; STREAM_HEADER_LEN] {
     let mut header = [0u8; STREAM_HEADER_LEN];
     header[..MAGIC.len()].copy_from_slice(&MAGIC);
     header[MAGIC.len()..].copy_from_slice(&VERSION.to_le_bytes());
-    out.write_all(&header)
+    header
 }
 
 /// Reads and checks the stream header.
@@ -177,26 +185,189 @@ pub fn read_header(input: &mut impl Read) -> Result<(), StreamError> {
     Ok(())
 }
 
-/// Writes one section whose payload is the concatenation of `parts`. Returns the bytes
-/// written.
-pub fn write_section(out: &mut impl Write, kind: Kind, parts: &[&[u8]]) -> io::Result<u64> {
+/// The header and checksum trailer of a section whose payload is the concatenation of
+/// `parts`.
+fn frame(kind: Kind, parts: &[&[u8]]) -> io::Result<([u8; SECTION_HEADER_LEN], [u8; 4], usize)> {
     let len: usize = parts.iter().map(|p| p.len()).sum();
     let len32 = u32::try_from(len)
         .ok()
         .filter(|l| *l as usize <= MAX_SECTION_LEN)
         .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "section too long"))?;
-    let mut header = [0u8; SECTION_HEADER_LEN];
-    header[0] = kind as u8;
-    header[4..].copy_from_slice(&len32.to_le_bytes());
+    let header = section_header(kind, len32);
     let mut crc = crc32fast::Hasher::new();
     crc.update(&header);
-    out.write_all(&header)?;
     for part in parts {
         crc.update(part);
+    }
+    Ok((header, crc.finalize().to_le_bytes(), len))
+}
+
+fn section_header(kind: Kind, len: u32) -> [u8; SECTION_HEADER_LEN] {
+    let mut header = [0u8; SECTION_HEADER_LEN];
+    header[0] = kind as u8;
+    header[4..].copy_from_slice(&len.to_le_bytes());
+    header
+}
+
+/// Writes one section whose payload is the concatenation of `parts`. Returns the bytes
+/// written.
+pub fn write_section(out: &mut impl Write, kind: Kind, parts: &[&[u8]]) -> io::Result<u64> {
+    let (header, trailer, len) = frame(kind, parts)?;
+    out.write_all(&header)?;
+    for part in parts {
         out.write_all(part)?;
     }
-    out.write_all(&crc.finalize().to_le_bytes())?;
+    out.write_all(&trailer)?;
     Ok((SECTION_HEADER_LEN + len + SECTION_TRAILER_LEN) as u64)
+}
+
+/// The start of a `RamPages` payload: the address of the first page, and a CRC-32 of the
+/// section header and that address. The destination trusts where the pages go and how many
+/// there are only once this check passes, whatever the section checksum then says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RamPagesPrefix {
+    /// Guest-physical address of the first page.
+    pub addr: u64,
+}
+
+impl RamPagesPrefix {
+    /// Encoded length.
+    pub const LEN: usize = 12;
+
+    /// The check over the section header (kind and `payload_len`) and the address.
+    fn check(self, payload_len: u32) -> u32 {
+        let mut crc = crc32fast::Hasher::new();
+        crc.update(&section_header(Kind::RamPages, payload_len));
+        crc.update(&self.addr.to_le_bytes());
+        crc.finalize()
+    }
+
+    /// The prefix of a section carrying `data_len` bytes of pages.
+    pub fn encode(self, data_len: usize) -> io::Result<[u8; Self::LEN]> {
+        let len = u32::try_from(Self::LEN + data_len)
+            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "section too long"))?;
+        let mut out = [0u8; Self::LEN];
+        out[..8].copy_from_slice(&self.addr.to_le_bytes());
+        out[8..].copy_from_slice(&self.check(len).to_le_bytes());
+        Ok(out)
+    }
+
+    /// Decodes and checks the prefix of a `RamPages` payload of `payload_len` bytes, which
+    /// must be the prefix and one or more whole pages of `page_size`.
+    pub fn decode(
+        bytes: &[u8; Self::LEN],
+        payload_len: usize,
+        page_size: usize,
+    ) -> Result<RamPagesPrefix, StreamError> {
+        let bad = |reason: String| StreamError::Payload {
+            kind: Kind::RamPages,
+            reason,
+        };
+        if payload_len < Self::LEN + page_size || (payload_len - Self::LEN) % page_size != 0 {
+            return Err(bad(format!(
+                "{payload_len} bytes is not an address and whole pages"
+            )));
+        }
+        let mut addr = [0u8; 8];
+        addr.copy_from_slice(&bytes[..8]);
+        let mut check = [0u8; 4];
+        check.copy_from_slice(&bytes[8..]);
+        let prefix = RamPagesPrefix {
+            addr: u64::from_le_bytes(addr),
+        };
+        // payload_len fits u32: the section header it came from is one.
+        if prefix.check(payload_len as u32) != u32::from_le_bytes(check) {
+            return Err(bad("its address or length is corrupt".to_string()));
+        }
+        Ok(prefix)
+    }
+}
+
+/// Writes sections to a channel. Small sections are gathered and go out together; a large
+/// one goes out in one vectored write with whatever was gathered before it, so its payload
+/// (guest RAM, for pages) is copied once, by the kernel, and never in user space.
+pub struct SectionWriter<W: Write> {
+    inner: W,
+    gathered: Vec<u8>,
+}
+
+/// Bytes of small sections gathered before they are written.
+const GATHER_LIMIT: usize = 64 << 10;
+/// Most parts a section is written from.
+const MAX_SECTION_PARTS: usize = 4;
+
+impl<W: Write> SectionWriter<W> {
+    /// A writer on `inner` that starts with the stream header.
+    pub fn new(inner: W) -> Self {
+        let mut gathered = Vec::with_capacity(GATHER_LIMIT);
+        gathered.extend_from_slice(&stream_header());
+        SectionWriter { inner, gathered }
+    }
+
+    /// The channel written to.
+    pub fn get_ref(&self) -> &W {
+        &self.inner
+    }
+
+    /// Writes (or gathers) one section whose payload is the concatenation of `parts`.
+    /// Returns its length on the wire.
+    pub fn section(&mut self, kind: Kind, parts: &[&[u8]]) -> io::Result<u64> {
+        if parts.len() > MAX_SECTION_PARTS {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "section in too many parts",
+            ));
+        }
+        let (header, trailer, len) = frame(kind, parts)?;
+        let wire = SECTION_HEADER_LEN + len + SECTION_TRAILER_LEN;
+        if self.gathered.len() + wire <= GATHER_LIMIT {
+            self.gathered.extend_from_slice(&header);
+            for part in parts {
+                self.gathered.extend_from_slice(part);
+            }
+            self.gathered.extend_from_slice(&trailer);
+            return Ok(wire as u64);
+        }
+        let mut slices = [IoSlice::new(&[]); MAX_SECTION_PARTS + 3];
+        slices[0] = IoSlice::new(&self.gathered);
+        slices[1] = IoSlice::new(&header);
+        for (slice, part) in slices[2..].iter_mut().zip(parts) {
+            *slice = IoSlice::new(part);
+        }
+        slices[parts.len() + 2] = IoSlice::new(&trailer);
+        write_all_vectored(&mut self.inner, &mut slices[..parts.len() + 3])?;
+        self.gathered.clear();
+        Ok(wire as u64)
+    }
+
+    /// Writes a `RamPages` section of `data` (whole pages) at guest-physical `addr`.
+    pub fn ram_pages(&mut self, addr: u64, data: &[u8]) -> io::Result<u64> {
+        let prefix = RamPagesPrefix { addr }.encode(data.len())?;
+        self.section(Kind::RamPages, &[&prefix, data])
+    }
+
+    /// Writes what was gathered.
+    pub fn flush(&mut self) -> io::Result<()> {
+        if !self.gathered.is_empty() {
+            self.inner.write_all(&self.gathered)?;
+            self.gathered.clear();
+        }
+        self.inner.flush()
+    }
+}
+
+/// Writes every byte of `slices` (`Write::write_all_vectored` is not stable).
+fn write_all_vectored(out: &mut impl Write, mut slices: &mut [IoSlice<'_>]) -> io::Result<()> {
+    IoSlice::advance_slices(&mut slices, 0);
+    while !slices.is_empty() {
+        match out.write_vectored(slices) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => IoSlice::advance_slices(&mut slices, n),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }
 
 /// A section whose header was read and checked; its payload is read with
@@ -351,21 +522,17 @@ impl PageRun {
     }
 }
 
-/// Splits a `RamPages` payload into its address and page data.
+/// Splits a `RamPages` payload into its (checked) address and page data.
 pub fn decode_pages(payload: &[u8], page_size: usize) -> Result<(u64, &[u8]), StreamError> {
-    let bad = |reason: String| StreamError::Payload {
-        kind: Kind::RamPages,
-        reason,
-    };
-    if payload.len() < 8 + page_size || (payload.len() - 8) % page_size != 0 {
-        return Err(bad(format!(
-            "{} bytes is not an address and whole pages",
-            payload.len()
-        )));
-    }
-    let mut addr = [0u8; 8];
-    addr.copy_from_slice(&payload[..8]);
-    Ok((u64::from_le_bytes(addr), &payload[8..]))
+    let prefix: &[u8; RamPagesPrefix::LEN] = payload
+        .get(..RamPagesPrefix::LEN)
+        .and_then(|p| p.try_into().ok())
+        .ok_or_else(|| StreamError::Payload {
+            kind: Kind::RamPages,
+            reason: format!("{} bytes is not an address and whole pages", payload.len()),
+        })?;
+    let prefix = RamPagesPrefix::decode(prefix, payload.len(), page_size)?;
+    Ok((prefix.addr, &payload[RamPagesPrefix::LEN..]))
 }
 
 #[cfg(test)]
@@ -398,7 +565,7 @@ mod tests {
     fn round_trip() {
         let sections = vec![
             (Kind::Config, b"{}".to_vec()),
-            (Kind::RamPages, vec![7u8; 8 + 4096]),
+            (Kind::RamPages, vec![7u8; 12 + 4096]),
             (Kind::End, Vec::new()),
         ];
         assert_eq!(read_all(&stream(&sections)).unwrap(), sections);
@@ -424,7 +591,7 @@ mod tests {
     fn every_flipped_byte_is_detected() {
         let bytes = stream(&[
             (Kind::Config, b"{\"a\":1}".to_vec()),
-            (Kind::RamPages, vec![3u8; 8 + 4096]),
+            (Kind::RamPages, vec![3u8; 12 + 4096]),
         ]);
         for i in 0..bytes.len() {
             let mut bad = bytes.clone();
@@ -475,7 +642,74 @@ mod tests {
             }]
         );
         assert!(PageRun::decode_all(Kind::RamZero, &payload[..11]).is_err());
-        assert!(decode_pages(&[0u8; 8 + 100], 4096).is_err());
-        assert!(decode_pages(&[0u8; 8], 4096).is_err());
+        assert!(decode_pages(&[0u8; 12 + 100], 4096).is_err());
+        assert!(decode_pages(&[0u8; 12], 4096).is_err());
+    }
+
+    /// A `RamPages` section as the source writes it: prefix, then the pages.
+    fn ram_pages(addr: u64, data: &[u8]) -> Vec<u8> {
+        let mut payload = RamPagesPrefix { addr }.encode(data.len()).unwrap().to_vec();
+        payload.extend_from_slice(data);
+        payload
+    }
+
+    #[test]
+    fn page_addresses_have_their_own_check() {
+        let payload = ram_pages(0x5000, &[9u8; 2 * 4096]);
+        let (addr, data) = decode_pages(&payload, 4096).unwrap();
+        assert_eq!((addr, data.len()), (0x5000, 2 * 4096));
+        // Any damage to the address or its check is found, whatever the pages hold.
+        for at in 0..RamPagesPrefix::LEN {
+            let mut bad = payload.clone();
+            bad[at] ^= 0x10;
+            let e = decode_pages(&bad, 4096).unwrap_err().to_string();
+            assert!(e.contains("address or length is corrupt"), "{at}: {e}");
+        }
+        // The check covers the length: the same prefix on fewer pages is refused.
+        let mut short = payload[..RamPagesPrefix::LEN + 4096].to_vec();
+        short[RamPagesPrefix::LEN..].fill(9);
+        assert!(decode_pages(&short, 4096).is_err());
+    }
+
+    #[test]
+    fn section_writer_gathers_small_sections_and_writes_large_ones_whole() {
+        /// Records each write call.
+        #[derive(Default)]
+        struct Calls(Vec<Vec<u8>>);
+        impl Write for Calls {
+            fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+                self.0.push(buf.to_vec());
+                Ok(buf.len())
+            }
+            fn write_vectored(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
+                self.0
+                    .push(bufs.iter().flat_map(|b| b.iter().copied()).collect());
+                Ok(bufs.iter().map(|b| b.len()).sum())
+            }
+            fn flush(&mut self) -> io::Result<()> {
+                Ok(())
+            }
+        }
+        let pages = vec![5u8; 64 * 4096];
+        let mut writer = SectionWriter::new(Calls::default());
+        writer.section(Kind::Config, &[b"{}"]).unwrap();
+        writer.section(Kind::RamZero, &[&[0u8; 12]]).unwrap();
+        assert!(writer.get_ref().0.is_empty(), "small sections are gathered");
+        writer.ram_pages(0x10_0000, &pages).unwrap();
+        assert_eq!(writer.get_ref().0.len(), 1, "one write for all of it");
+        writer.section(Kind::End, &[]).unwrap();
+        writer.flush().unwrap();
+        let calls = writer.inner.0;
+        assert_eq!(calls.len(), 2);
+        let expected = stream(&[
+            (Kind::Config, b"{}".to_vec()),
+            (Kind::RamZero, vec![0u8; 12]),
+            (Kind::RamPages, ram_pages(0x10_0000, &pages)),
+            (Kind::End, Vec::new()),
+        ]);
+        assert!(
+            calls.concat() == expected,
+            "the same bytes as write_section"
+        );
     }
 }

@@ -104,15 +104,13 @@ impl MigrationUri {
     /// Connects to the destination (source side). A file is created or truncated.
     pub fn connect(&self) -> Result<Channel, UriError> {
         match self {
-            MigrationUri::Unix(path) => {
-                UnixStream::connect(path)
-                    .map(Channel::Unix)
-                    .map_err(|source| UriError::Io {
-                        what: "connect to",
-                        addr: path.display().to_string(),
-                        source,
-                    })
-            }
+            MigrationUri::Unix(path) => UnixStream::connect(path)
+                .map(|s| Channel::Unix(s).tuned())
+                .map_err(|source| UriError::Io {
+                    what: "connect to",
+                    addr: path.display().to_string(),
+                    source,
+                }),
             MigrationUri::Tcp(addr) => {
                 let stream = TcpStream::connect(addr).map_err(|source| UriError::Io {
                     what: "connect to",
@@ -236,11 +234,8 @@ fn enlarge_buffers(fd: std::os::fd::RawFd) {
 impl Channel {
     /// Tunes a freshly connected or accepted socket for bulk transfer.
     fn tuned(self) -> Channel {
-        use std::os::fd::AsRawFd;
-        match &self {
-            Channel::Unix(s) => enlarge_buffers(s.as_raw_fd()),
-            Channel::Tcp(s) => enlarge_buffers(s.as_raw_fd()),
-            Channel::File(_) => {}
+        if !matches!(self, Channel::File(_)) {
+            enlarge_buffers(self.as_raw_fd());
         }
         self
     }
@@ -282,6 +277,51 @@ impl Channel {
     }
 }
 
+impl AsRawFd for Channel {
+    fn as_raw_fd(&self) -> RawFd {
+        match self {
+            Channel::Unix(s) => s.as_raw_fd(),
+            Channel::Tcp(s) => s.as_raw_fd(),
+            Channel::File(f) => f.as_raw_fd(),
+        }
+    }
+}
+
+/// Reads a channel that another thread writes to: waits with `poll`, whose wake-ups are
+/// filtered by event, before each read. (A reader blocked in `recv` on a Unix stream
+/// socket is also woken each time the peer frees send space: thousands of times per
+/// second, each a context switch, while the other thread streams RAM.)
+pub struct PolledReader(Channel);
+
+impl PolledReader {
+    /// Reads `channel`.
+    pub fn new(channel: Channel) -> Self {
+        PolledReader(channel)
+    }
+}
+
+impl Read for PolledReader {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let mut fd = libc::pollfd {
+            fd: self.0.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        loop {
+            // SAFETY: one valid pollfd for the duration of the call.
+            let ret = unsafe { libc::poll(&mut fd, 1, -1) };
+            if ret >= 0 {
+                break;
+            }
+            let e = io::Error::last_os_error();
+            if e.kind() != io::ErrorKind::Interrupted {
+                return Err(e);
+            }
+        }
+        self.0.read(buf)
+    }
+}
+
 impl Read for Channel {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         match self {
@@ -298,6 +338,14 @@ impl Write for Channel {
             Channel::Unix(s) => s.write(buf),
             Channel::Tcp(s) => s.write(buf),
             Channel::File(f) => f.write(buf),
+        }
+    }
+
+    fn write_vectored(&mut self, bufs: &[io::IoSlice<'_>]) -> io::Result<usize> {
+        match self {
+            Channel::Unix(s) => s.write_vectored(bufs),
+            Channel::Tcp(s) => s.write_vectored(bufs),
+            Channel::File(f) => f.write_vectored(bufs),
         }
     }
 
@@ -444,6 +492,59 @@ mod tests {
         new.accept().unwrap();
         drop(new);
         assert!(!dir.join("s").exists());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    fn send_buffer(channel: &Channel) -> libc::c_int {
+        let mut value: libc::c_int = 0;
+        let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+        // SAFETY: a live socket; value and len are live and sized as passed.
+        let ret = unsafe {
+            libc::getsockopt(
+                channel.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_SNDBUF,
+                (&mut value as *mut libc::c_int).cast(),
+                &mut len,
+            )
+        };
+        assert_eq!(ret, 0);
+        value
+    }
+
+    #[test]
+    fn both_ends_are_tuned_and_the_polled_reader_reads_across_threads() {
+        let dir = std::env::temp_dir().join(format!("skiff-uri-rp-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let uri = MigrationUri::Unix(dir.join("s"));
+        let mut listener = uri.listen().unwrap();
+        let out = uri.connect().unwrap();
+        let input = listener.accept().unwrap();
+        // The connecting side sends the stream: a send buffer smaller than a section would
+        // make both sides wait for each other on every section. (Root gets the full size;
+        // others get what net.core.wmem_max allows, at least the default.)
+        let default = 212_992;
+        assert!(send_buffer(&out) >= default && send_buffer(&input) >= default);
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } == 0 {
+            assert!(send_buffer(&out) >= SOCKET_BUFFER, "{}", send_buffer(&out));
+        }
+        let mut reader = PolledReader::new(out.try_clone().unwrap());
+        let writer = std::thread::spawn(move || {
+            let mut input = input;
+            std::thread::sleep(std::time::Duration::from_millis(20));
+            input.write_all(b"ack").unwrap();
+            input.shutdown();
+        });
+        let mut buf = [0u8; 3];
+        reader.read_exact(&mut buf).unwrap();
+        assert_eq!(&buf, b"ack");
+        assert_eq!(
+            reader.read(&mut buf).unwrap(),
+            0,
+            "end of stream after shutdown"
+        );
+        writer.join().unwrap();
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }
