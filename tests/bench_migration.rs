@@ -63,6 +63,11 @@ const RUNS: usize = 5;
 const FILLED_RUNS: usize = 3;
 /// Copies per memcpy-over-socket row.
 const COPY_RUNS: usize = 5;
+/// How long freed memory rests before a fresh-memory copy. Where Linux runs in a VM with
+/// free page reporting (virtio-balloon, as on the machines here), memory free for more than
+/// two seconds is handed back to the host, and the next first touch of it faults in the host
+/// too: several times slower than touching memory freed a moment ago.
+const FREED_MEMORY_SETTLE: Duration = Duration::from_secs(3);
 /// Write size of the socket copy baseline.
 const CHUNK: usize = 1 << 20;
 /// QEMU's `max-bandwidth` for the unthrottled rows, bytes per second.
@@ -601,7 +606,9 @@ enum CopyTarget {
     Prefaulted,
     /// A new buffer whose pages are first touched by the copy, as a migration destination's
     /// RAM is (the kernel allocates and clears each page on the way); with transparent huge
-    /// pages asked for, as Skiff's destination does.
+    /// pages asked for, as Skiff's destination does. Each run starts [`FREED_MEMORY_SETTLE`]
+    /// after the previous one freed its buffer, as a destination's RAM comes from memory
+    /// that has been free for a while.
     Fresh,
 }
 
@@ -661,6 +668,9 @@ fn socket_copy_gib_s(bytes: usize, target: CopyTarget) -> Vec<f64> {
     let mut kept = prefaulted();
     let mut rates = Vec::with_capacity(COPY_RUNS);
     for run in 0..COPY_RUNS {
+        if target == CopyTarget::Fresh {
+            thread::sleep(FREED_MEMORY_SETTLE);
+        }
         let mut fresh = (target == CopyTarget::Fresh).then(|| FreshBuffer::new(bytes));
         let dst = match fresh.as_mut() {
             Some(buffer) => buffer.as_mut_slice(),

@@ -26,6 +26,12 @@ const PAGES_PER_SECTION: usize = 64;
 const ZERO_RUNS_PER_SECTION: usize = 4096;
 /// How often a rate-limited or waiting sender looks at page requests.
 const POLL_INTERVAL: Duration = Duration::from_millis(5);
+/// Bytes that may still sit in the socket buffers when the guest is stopped for the
+/// switch-over (about a section): more would be sent during the downtime, at the pace of
+/// the destination, which may be far slower than the source when it first touches its RAM.
+const DRAINED: usize = 512 << 10;
+/// How often the source looks whether the destination took what was sent.
+const DRAIN_POLL: Duration = Duration::from_millis(1);
 
 /// Errors of an outgoing migration.
 #[derive(Debug, thiserror::Error)]
@@ -220,6 +226,7 @@ impl Source {
         self.state.update(|p| p.setup = Some(start.elapsed()));
         self.state.set_status(MigrationStatus::Active);
         let mut pass = 0i64;
+        let mut drained = false;
         loop {
             let pass_start = Instant::now();
             let sent_before = self.sent_bytes;
@@ -251,7 +258,12 @@ impl Source {
             }
             let limit = Duration::from_millis(self.state.parameters().downtime_limit_ms);
             if finished && expected <= limit {
-                break;
+                // Once, wait for the destination to take what is queued, then make another
+                // pass for what the guest wrote meanwhile.
+                if drained || !self.wait_drained(&mut conn)? {
+                    break;
+                }
+                drained = true;
             }
         }
         self.complete(&mut conn)
@@ -355,6 +367,25 @@ impl Source {
         self.flush_zero_runs(conn)?;
         self.cursor = 0;
         Ok(true)
+    }
+
+    /// Waits, with the guest running, until the destination has taken all but [`DRAINED`]
+    /// bytes of what was sent. Returns whether it had to wait.
+    fn wait_drained(&mut self, conn: &mut Connection) -> Result<bool, SourceError> {
+        conn.out.flush()?;
+        let mut waited = false;
+        while conn.out.get_ref().unsent()? > DRAINED {
+            if self.state.cancel_requested() {
+                return Err(SourceError::Cancelled);
+            }
+            if self.state.postcopy_requested() {
+                break;
+            }
+            self.check_replies(conn)?;
+            std::thread::sleep(DRAIN_POLL);
+            waited = true;
+        }
+        Ok(waited)
     }
 
     /// The bandwidth limit of `phase`, in bytes per second (0: unlimited).

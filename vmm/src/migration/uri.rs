@@ -268,6 +268,22 @@ impl Channel {
         }
     }
 
+    /// Bytes written to a socket that the peer has not taken yet (kernel buffer overhead
+    /// included); 0 for a file.
+    pub fn unsent(&self) -> io::Result<usize> {
+        if matches!(self, Channel::File(_)) {
+            return Ok(0);
+        }
+        let mut queued: libc::c_int = 0;
+        // SAFETY: SIOCOUTQ (TIOCOUTQ) on a live socket writes one c_int to the live
+        // `queued`.
+        let ret = unsafe { libc::ioctl(self.as_raw_fd(), libc::TIOCOUTQ, &mut queued) };
+        if ret < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(usize::try_from(queued).unwrap_or(0))
+    }
+
     /// Makes a file's contents durable (no-op for sockets).
     pub fn sync(&self) -> io::Result<()> {
         match self {
@@ -529,9 +545,14 @@ mod tests {
         if unsafe { libc::geteuid() } == 0 {
             assert!(send_buffer(&out) >= SOCKET_BUFFER, "{}", send_buffer(&out));
         }
+        out.try_clone().unwrap().write_all(&[7u8; 1000]).unwrap();
+        assert!(out.unsent().unwrap() >= 1000, "queued until read");
+        let mut taken = [0u8; 1000];
+        let mut input = input;
+        input.read_exact(&mut taken).unwrap();
+        assert_eq!(out.unsent().unwrap(), 0);
         let mut reader = PolledReader::new(out.try_clone().unwrap());
         let writer = std::thread::spawn(move || {
-            let mut input = input;
             std::thread::sleep(std::time::Duration::from_millis(20));
             input.write_all(b"ack").unwrap();
             input.shutdown();
