@@ -10,6 +10,7 @@
 
 pub mod dest;
 pub mod ram;
+pub mod replies;
 pub mod source;
 pub mod stream;
 pub mod uri;

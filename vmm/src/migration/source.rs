@@ -4,16 +4,15 @@
 //! and everything else behind it. A broken connection in postcopy pauses the migration until
 //! `migrate resume=true` reconnects; nothing is lost.
 
-use std::io::BufReader;
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use api::{Event, MigrationStatus};
 
 use super::ram::{is_zero, Bitmap, PageMap, RamError, RamMap, PAGE_SIZE};
+use super::replies::{Replies, Reply};
 use super::stream::{self, Kind, PageRun, SectionWriter, StreamError};
-use super::uri::{Channel, MigrationUri, PolledReader, UriError};
+use super::uri::{Channel, MigrationUri, UriError};
 use super::{MigrationState, Role};
 use crate::runstate::RunState;
 use crate::snapshot::{MachineState, SnapshotError};
@@ -66,18 +65,6 @@ impl From<std::io::Error> for SourceError {
     fn from(e: std::io::Error) -> Self {
         SourceError::Stream(StreamError::Io(e))
     }
-}
-
-/// What the return-path reader hands to the sender.
-#[derive(Debug)]
-enum Reply {
-    Ack,
-    Error(String),
-    RequestPages(PageRun),
-    RecvBitmap(Vec<u8>),
-    ResumeAck,
-    PostcopyRunning,
-    Closed(String),
 }
 
 /// Starts an outgoing migration to `uri` on its own thread. Fails at once (with the
@@ -136,7 +123,7 @@ impl RateLimit {
 /// The live connection: section writer plus the replies of the return path.
 struct Connection {
     out: SectionWriter<Channel>,
-    replies: Option<Receiver<Reply>>,
+    replies: Option<Replies<Channel>>,
 }
 
 struct Source {
@@ -279,7 +266,7 @@ impl Source {
         let channel = uri.connect()?;
         self.state.set_channel(Some(channel.try_clone()?));
         let replies = if channel.has_return_path() {
-            Some(spawn_return_path(channel.try_clone()?)?)
+            Some(Replies::new(channel.try_clone()?))
         } else {
             None
         };
@@ -558,39 +545,36 @@ impl Source {
     /// Looks at return-path messages without waiting: an error from the destination ends
     /// the migration.
     fn check_replies(&mut self, conn: &mut Connection) -> Result<(), SourceError> {
-        let Some(replies) = &conn.replies else {
+        let Some(replies) = conn.replies.as_mut() else {
             return Ok(());
         };
-        loop {
-            match replies.try_recv() {
-                Ok(Reply::Error(e)) => return Err(SourceError::Destination(e)),
-                Ok(Reply::Closed(why)) => return Err(SourceError::Closed(why)),
-                Ok(Reply::RequestPages(run)) => self.requests.push_back(run),
-                Ok(other) => log::debug!("migration: unexpected reply {other:?} in precopy"),
-                Err(_) => return Ok(()),
+        while let Some(reply) = replies.next(Duration::ZERO) {
+            match reply {
+                Reply::Error(e) => return Err(SourceError::Destination(e)),
+                Reply::Closed(why) => return Err(SourceError::Closed(why)),
+                Reply::RequestPages(run) => self.requests.push_back(run),
+                other => log::debug!("migration: unexpected reply {other:?} in precopy"),
             }
         }
+        Ok(())
     }
 
     /// Waits for the next reply (or the connection's end).
     fn wait_reply(&mut self, conn: &mut Connection) -> Result<Reply, SourceError> {
         let replies = conn
             .replies
-            .as_ref()
+            .as_mut()
             .ok_or_else(|| SourceError::Closed(" (no return path)".into()))?;
         loop {
             if self.state.cancel_requested() {
                 return Err(SourceError::Cancelled);
             }
-            match replies.recv_timeout(Duration::from_millis(100)) {
-                Ok(Reply::RequestPages(run)) => self.requests.push_back(run),
-                Ok(Reply::Error(e)) => return Err(SourceError::Destination(e)),
-                Ok(Reply::Closed(why)) => return Err(SourceError::Closed(why)),
-                Ok(reply) => return Ok(reply),
-                Err(RecvTimeoutError::Timeout) => {}
-                Err(RecvTimeoutError::Disconnected) => {
-                    return Err(SourceError::Closed(String::new()))
-                }
+            match replies.next(Duration::from_millis(100)) {
+                Some(Reply::RequestPages(run)) => self.requests.push_back(run),
+                Some(Reply::Error(e)) => return Err(SourceError::Destination(e)),
+                Some(Reply::Closed(why)) => return Err(SourceError::Closed(why)),
+                Some(reply) => return Ok(reply),
+                None => {}
             }
         }
     }
@@ -786,25 +770,22 @@ impl Source {
     ) -> Result<(), SourceError> {
         let until = Instant::now() + delay;
         while Instant::now() < until {
-            let Some(replies) = &conn.replies else {
+            let Some(replies) = conn.replies.as_mut() else {
                 std::thread::sleep(delay);
                 return Ok(());
             };
             let wait = until
                 .saturating_duration_since(Instant::now())
                 .min(POLL_INTERVAL);
-            match replies.recv_timeout(wait) {
-                Ok(Reply::RequestPages(run)) => {
+            match replies.next(wait) {
+                Some(Reply::RequestPages(run)) => {
                     self.requests.push_back(run);
                     self.serve_requests(conn)?;
                 }
-                Ok(Reply::Error(e)) => return Err(SourceError::Destination(e)),
-                Ok(Reply::Closed(why)) => return Err(SourceError::Closed(why)),
-                Ok(other) => log::debug!("migration: unexpected reply {other:?}"),
-                Err(RecvTimeoutError::Timeout) => {}
-                Err(RecvTimeoutError::Disconnected) => {
-                    return Err(SourceError::Closed(String::new()))
-                }
+                Some(Reply::Error(e)) => return Err(SourceError::Destination(e)),
+                Some(Reply::Closed(why)) => return Err(SourceError::Closed(why)),
+                Some(other) => log::debug!("migration: unexpected reply {other:?}"),
+                None => {}
             }
         }
         Ok(())
@@ -865,50 +846,6 @@ impl Source {
             other => Err(SourceError::State(format!(
                 "unexpected reply {other:?} to postcopy resume"
             ))),
-        }
-    }
-}
-
-/// Reads return-path sections on their own thread and forwards them.
-fn spawn_return_path(channel: Channel) -> Result<Receiver<Reply>, SourceError> {
-    let (tx, rx) = mpsc::channel();
-    std::thread::Builder::new()
-        .name("migration-rp".into())
-        .spawn(move || read_return_path(channel, tx))
-        .map_err(|e| SourceError::State(format!("cannot start the return-path thread: {e}")))?;
-    Ok(rx)
-}
-
-fn read_return_path(channel: Channel, tx: Sender<Reply>) {
-    let mut input = BufReader::new(PolledReader::new(channel));
-    let mut payload = Vec::new();
-    loop {
-        let reply = match stream::read_section(&mut input, &mut payload) {
-            Ok(Kind::Ack) => Reply::Ack,
-            Ok(Kind::Error) => Reply::Error(String::from_utf8_lossy(&payload).into_owned()),
-            Ok(Kind::RequestPages) => match PageRun::decode_all(Kind::RequestPages, &payload) {
-                Ok(runs) => {
-                    let mut ok = true;
-                    for run in runs {
-                        ok &= tx.send(Reply::RequestPages(run)).is_ok();
-                    }
-                    if !ok {
-                        return;
-                    }
-                    continue;
-                }
-                Err(e) => Reply::Closed(format!(": {e}")),
-            },
-            Ok(Kind::RecvBitmap) => Reply::RecvBitmap(std::mem::take(&mut payload)),
-            Ok(Kind::ResumeAck) => Reply::ResumeAck,
-            Ok(Kind::PostcopyRunning) => Reply::PostcopyRunning,
-            Ok(kind) => Reply::Closed(format!(": unexpected {kind:?} on the return path")),
-            Err(StreamError::Eof) => Reply::Closed(String::new()),
-            Err(e) => Reply::Closed(format!(": {e}")),
-        };
-        let closed = matches!(reply, Reply::Closed(_));
-        if tx.send(reply).is_err() || closed {
-            return;
         }
     }
 }

@@ -303,41 +303,6 @@ impl AsRawFd for Channel {
     }
 }
 
-/// Reads a channel that another thread writes to: waits with `poll`, whose wake-ups are
-/// filtered by event, before each read. (A reader blocked in `recv` on a Unix stream
-/// socket is also woken each time the peer frees send space: thousands of times per
-/// second, each a context switch, while the other thread streams RAM.)
-pub struct PolledReader(Channel);
-
-impl PolledReader {
-    /// Reads `channel`.
-    pub fn new(channel: Channel) -> Self {
-        PolledReader(channel)
-    }
-}
-
-impl Read for PolledReader {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let mut fd = libc::pollfd {
-            fd: self.0.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        loop {
-            // SAFETY: one valid pollfd for the duration of the call.
-            let ret = unsafe { libc::poll(&mut fd, 1, -1) };
-            if ret >= 0 {
-                break;
-            }
-            let e = io::Error::last_os_error();
-            if e.kind() != io::ErrorKind::Interrupted {
-                return Err(e);
-            }
-        }
-        self.0.read(buf)
-    }
-}
-
 impl Read for Channel {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         match self {
@@ -529,7 +494,7 @@ mod tests {
     }
 
     #[test]
-    fn both_ends_are_tuned_and_the_polled_reader_reads_across_threads() {
+    fn both_ends_are_tuned_and_tell_what_the_peer_has_not_taken() {
         let dir = std::env::temp_dir().join(format!("skiff-uri-rp-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let uri = MigrationUri::Unix(dir.join("s"));
@@ -551,21 +516,6 @@ mod tests {
         let mut input = input;
         input.read_exact(&mut taken).unwrap();
         assert_eq!(out.unsent().unwrap(), 0);
-        let mut reader = PolledReader::new(out.try_clone().unwrap());
-        let writer = std::thread::spawn(move || {
-            std::thread::sleep(std::time::Duration::from_millis(20));
-            input.write_all(b"ack").unwrap();
-            input.shutdown();
-        });
-        let mut buf = [0u8; 3];
-        reader.read_exact(&mut buf).unwrap();
-        assert_eq!(&buf, b"ack");
-        assert_eq!(
-            reader.read(&mut buf).unwrap(),
-            0,
-            "end of stream after shutdown"
-        );
-        writer.join().unwrap();
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }
