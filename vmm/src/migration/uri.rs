@@ -446,14 +446,21 @@ mod tests {
         assert!(MigrationUri::parse("nonsense").is_err());
     }
 
-    #[test]
-    fn unix_listen_connect_and_shutdown() {
-        let dir = std::env::temp_dir().join(format!("skiff-uri-{}", std::process::id()));
+    /// A unix socket URI in a new directory, its listener, and one connection (connecting
+    /// side, accepted side).
+    fn unix_connection(tag: &str) -> (PathBuf, MigrationUri, Listener, Channel, Channel) {
+        let dir = std::env::temp_dir().join(format!("skiff-uri-{tag}-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let uri = MigrationUri::Unix(dir.join("s"));
         let mut listener = uri.listen().unwrap();
-        let mut out = uri.connect().unwrap();
-        let mut input = listener.accept().unwrap();
+        let out = uri.connect().unwrap();
+        let input = listener.accept().unwrap();
+        (dir, uri, listener, out, input)
+    }
+
+    #[test]
+    fn unix_listen_connect_and_shutdown() {
+        let (dir, uri, listener, mut out, mut input) = unix_connection("shutdown");
         out.write_all(b"hi").unwrap();
         let mut buf = [0u8; 2];
         input.read_exact(&mut buf).unwrap();
@@ -495,12 +502,7 @@ mod tests {
 
     #[test]
     fn both_ends_are_tuned_and_tell_what_the_peer_has_not_taken() {
-        let dir = std::env::temp_dir().join(format!("skiff-uri-rp-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let uri = MigrationUri::Unix(dir.join("s"));
-        let mut listener = uri.listen().unwrap();
-        let out = uri.connect().unwrap();
-        let input = listener.accept().unwrap();
+        let (dir, _uri, _listener, out, mut input) = unix_connection("tuned");
         // The connecting side sends the stream: a send buffer smaller than a section would
         // make both sides wait for each other on every section. (Root gets the full size;
         // others get what net.core.wmem_max allows, at least the default.)
@@ -513,7 +515,6 @@ mod tests {
         out.try_clone().unwrap().write_all(&[7u8; 1000]).unwrap();
         assert!(out.unsent().unwrap() >= 1000, "queued until read");
         let mut taken = [0u8; 1000];
-        let mut input = input;
         input.read_exact(&mut taken).unwrap();
         assert_eq!(out.unsent().unwrap(), 0);
         std::fs::remove_dir_all(&dir).unwrap();
