@@ -14,6 +14,7 @@ use api::{Event, MigrationStatus, ShutdownCause};
 use serde::{Deserialize, Serialize};
 use vmm_sys_util::eventfd::EventFd;
 
+use super::populate::Populator;
 use super::ram::{AtomicBitmap, Bitmap, RamMap, PAGE_SIZE};
 use super::stream::{self, Kind, PageRun, RamPagesPrefix, SectionBody, StreamError};
 use super::uri::{Channel, Listener};
@@ -375,6 +376,8 @@ struct Dest {
     /// Pages whose last data failed its section checksum: the source read them while the
     /// guest wrote them, and must send them again (or discard them) before the switch-over.
     unconfirmed: Bitmap,
+    /// Populates the pages the source's plan names, ahead of the stream (precopy only).
+    populator: Option<Populator>,
     rp: Arc<ReturnPath>,
     postcopy: Option<Postcopy>,
     stage: Stage,
@@ -392,6 +395,7 @@ impl Dest {
             received: Arc::new(AtomicBitmap::new(pages)),
             written: Bitmap::new(pages),
             unconfirmed: Bitmap::new(pages),
+            populator: None,
             rp: Arc::new(ReturnPath::default()),
             postcopy: None,
             stage: Stage::Start,
@@ -526,6 +530,13 @@ impl Dest {
         if body.kind == Kind::RamPages && self.stage == Stage::Ram && self.postcopy.is_none() {
             return self.load_pages_in_place(input, body);
         }
+        if !matches!(body.kind, Kind::RamPages | Kind::RamZero | Kind::RamPlan) {
+            // Precopy RAM is over: nothing may populate pages that are about to be
+            // discarded or registered for postcopy.
+            if let Some(mut populator) = self.populator.take() {
+                populator.stop();
+            }
+        }
         let mut payload = std::mem::take(&mut self.payload);
         let result = body
             .read_all(input, &mut payload)
@@ -559,13 +570,21 @@ impl Dest {
             .ram
             .run(gpa, count)
             .ok_or_else(|| bad(format!("{count} pages at {gpa:#x} are not guest RAM")))?;
-        let populate =
-            !self.state.ram_preallocated() && !pages.clone().all(|p| self.written.get(p));
+        let populated_ahead = self
+            .populator
+            .as_ref()
+            .is_some_and(|p| p.populated_below(pages.end));
+        let populate = !self.state.ram_preallocated()
+            && !populated_ahead
+            && !pages.clone().all(|p| self.written.get(p));
         // SAFETY: `run` checked the pages lie in one region; in precopy the destination's
         // vCPUs are stopped and no userfaultfd is registered, so nothing else uses them.
         let target = unsafe { self.ram.pages_mut(pages.start, count, populate) }
             .ok_or_else(|| bad(format!("no mapping for {gpa:#x}")))?;
         body.read(input, target)?;
+        if let Some(populator) = &self.populator {
+            populator.loader_reached(pages.end);
+        }
         let confirmed = match body.finish(input) {
             Ok(_) => true,
             Err(StreamError::Checksum { .. }) => {
@@ -604,6 +623,7 @@ impl Dest {
             (Stage::Start, _) => Err(Self::unexpected(kind, "before the configuration")),
             (Stage::Ram | Stage::Postcopy, Kind::RamPages) => self.load_pages(payload),
             (Stage::Ram | Stage::Postcopy, Kind::RamZero) => self.load_zero(payload),
+            (Stage::Ram, Kind::RamPlan) => self.plan(payload),
             (Stage::Ram, Kind::PostcopyAdvise) => {
                 // Postcopy discards and places single 4 KiB pages. (Pages never sent, also
                 // those of RAM preallocated with --mem-prealloc, are dropped by the
@@ -684,6 +704,30 @@ impl Dest {
                 })
             })
             .collect()
+    }
+
+    /// The source's plan: pages it will send data for, populated here ahead of them
+    /// (unless RAM was preallocated).
+    fn plan(&mut self, payload: &[u8]) -> Result<(), DestError> {
+        let runs = self.runs(Kind::RamPlan, payload)?;
+        if self.state.ram_preallocated() {
+            return Ok(());
+        }
+        if self.populator.is_none() {
+            match Populator::start() {
+                Ok(populator) => self.populator = Some(populator),
+                // Not fatal: the loader populates pages as they come.
+                Err(e) => log::warn!("cannot start the thread that populates RAM: {e}"),
+            }
+        }
+        if let Some(populator) = &self.populator {
+            for pages in runs {
+                if let Some(host) = self.ram.host(pages.start) {
+                    populator.add(pages.start, host, pages.len());
+                }
+            }
+        }
+        Ok(())
     }
 
     fn load_zero(&mut self, payload: &[u8]) -> Result<(), DestError> {

@@ -9,6 +9,7 @@
 //! missing page.
 
 pub mod dest;
+pub mod populate;
 pub mod ram;
 pub mod replies;
 pub mod source;

@@ -262,6 +262,40 @@ impl RamMap {
             .collect()
     }
 
+    /// The runs of pages (numbers) that hold data: populated or swapped out, per `map`. A
+    /// run never spans two regions.
+    pub fn populated_runs(
+        &self,
+        map: &mut PageMap,
+    ) -> std::io::Result<Vec<std::ops::Range<usize>>> {
+        /// Page-map entries read at a time.
+        const CHUNK: usize = 1 << 16;
+        let mut runs: Vec<std::ops::Range<usize>> = Vec::new();
+        let mut unpopulated = Vec::new();
+        let mut page = 0;
+        while page < self.pages() {
+            let count = self.clamp_run(page, CHUNK);
+            let Some(host) = self.host(page) else { break };
+            map.unpopulated(host, count, &mut unpopulated)?;
+            let region_start = self.region_of_page(page).map(|r| r.first_page);
+            for (i, untouched) in unpopulated.iter().enumerate() {
+                if *untouched {
+                    continue;
+                }
+                let p = page + i;
+                match runs.last_mut() {
+                    // Extend the last run unless a region starts between.
+                    Some(run) if run.end == p && region_start.is_some_and(|s| run.start >= s) => {
+                        run.end = p + 1;
+                    }
+                    _ => runs.push(p..p + 1),
+                }
+            }
+            page += count.max(1);
+        }
+        Ok(runs)
+    }
+
     /// Turns KVM dirty logging on or off for every slot (slot i = region i).
     pub fn set_dirty_logging(&self, vm: &VmFd, on: bool) -> Result<(), RamError> {
         for (slot, r) in self.regions.iter().enumerate() {
@@ -643,6 +677,16 @@ mod tests {
         assert!(page(2).iter().all(|b| *b == 9));
         ram.discard(2, 1).unwrap();
         assert!(is_zero(&page(2)));
+    }
+
+    #[test]
+    fn populated_runs_are_the_pages_written() {
+        let mem = create_guest_memory(4 * MIB).unwrap();
+        let ram = RamMap::new(&mem);
+        ram.write_pages(3, &[1u8; 2 * PAGE_SIZE]);
+        ram.write_pages(9, &[1u8; PAGE_SIZE]);
+        let mut map = PageMap::open().unwrap();
+        assert_eq!(ram.populated_runs(&mut map).unwrap(), vec![3..5, 9..10]);
     }
 
     #[test]

@@ -144,6 +144,10 @@ struct Source {
     /// Finds never-populated pages, which are sent as zero without being read.
     page_map: Option<PageMap>,
     unpopulated: Vec<bool>,
+    /// The pages that held data when the plan was sent (dirty logging already on), until
+    /// the first dirty sync: the first pass reads the page map once, for the plan, instead
+    /// of again per section. Any page written since is dirty and sent again after that sync.
+    planned: Option<Bitmap>,
 }
 
 /// Which phase pages are sent in (for the statistics and the rate limit).
@@ -173,6 +177,7 @@ impl Source {
                 .map_err(|e| log::warn!("cannot open the page map, reading every page: {e}"))
                 .ok(),
             unpopulated: Vec::new(),
+            planned: None,
         }
     }
 
@@ -209,6 +214,7 @@ impl Source {
             self.section(&mut conn, Kind::PostcopyAdvise, &[])?;
         }
         self.ram.set_dirty_logging(self.vm.kvm().fd(), true)?;
+        self.send_plan(&mut conn)?;
         let start = self.state_start();
         self.state.update(|p| p.setup = Some(start.elapsed()));
         self.state.set_status(MigrationStatus::Active);
@@ -282,6 +288,40 @@ impl Source {
         self.section(conn, Kind::Config, &[&json])
     }
 
+    /// Tells the destination which pages will carry data (those populated here), so it
+    /// can populate them ahead of the stream. Nothing is sent when the page map cannot be
+    /// read: the destination then populates pages as they come.
+    fn send_plan(&mut self, conn: &mut Connection) -> Result<(), SourceError> {
+        let Some(map) = self.page_map.as_mut() else {
+            return Ok(());
+        };
+        let runs = match self.ram.populated_runs(map) {
+            Ok(runs) => runs,
+            Err(e) => {
+                log::warn!("cannot read the page map, sending no RAM plan: {e}");
+                return Ok(());
+            }
+        };
+        let mut planned = Bitmap::new(self.ram.pages());
+        let mut payload = Vec::new();
+        for (i, run) in runs.iter().enumerate() {
+            for page in run.clone() {
+                planned.set(page);
+            }
+            PageRun {
+                addr: self.ram.gpa(run.start).unwrap_or(0),
+                count: u32::try_from(run.len()).unwrap_or(u32::MAX),
+            }
+            .encode(&mut payload);
+            if (i + 1) % ZERO_RUNS_PER_SECTION == 0 || i + 1 == runs.len() {
+                let batch = std::mem::take(&mut payload);
+                self.section(conn, Kind::RamPlan, &[&batch])?;
+            }
+        }
+        self.planned = Some(planned);
+        Ok(())
+    }
+
     fn section(
         &mut self,
         conn: &mut Connection,
@@ -315,6 +355,7 @@ impl Source {
 
     /// Reads the dirty log into the dirty bitmap.
     fn sync_dirty(&mut self) -> Result<(), SourceError> {
+        self.planned = None;
         self.ram
             .sync_dirty_log(self.vm.kvm().fd(), self.vm.memory(), &mut self.dirty)?;
         if self.state.take_ram_rewritten() {
@@ -473,6 +514,11 @@ impl Source {
     /// Fills `self.unpopulated` for pages `first..first + count` (all false when unknown).
     fn find_unpopulated(&mut self, first: usize, count: usize) {
         self.unpopulated.clear();
+        if let Some(planned) = &self.planned {
+            self.unpopulated
+                .extend((first..first + count).map(|p| !planned.get(p)));
+            return;
+        }
         if let (Some(map), Some(host)) = (self.page_map.as_mut(), self.ram.host(first)) {
             if let Err(e) = map.unpopulated(host, count, &mut self.unpopulated) {
                 log::warn!("cannot read the page map, reading every page: {e}");

@@ -55,6 +55,9 @@ pub enum Kind {
     ResumeRequest = 9,
     /// Source, on a resumed connection: postcopy goes on.
     PostcopyResume = 10,
+    /// Source, before the first pass: runs (as `RamZero`) of the pages it will send data
+    /// for, which the destination may populate ahead of them.
+    RamPlan = 11,
     /// Return path: the destination loaded everything it was sent.
     Ack = 0x81,
     /// Return path: the destination failed (UTF-8 reason).
@@ -70,7 +73,7 @@ pub enum Kind {
 }
 
 impl Kind {
-    const ALL: [Kind; 16] = [
+    const ALL: [Kind; 17] = [
         Kind::Config,
         Kind::RamPages,
         Kind::RamZero,
@@ -81,6 +84,7 @@ impl Kind {
         Kind::PostcopyRun,
         Kind::ResumeRequest,
         Kind::PostcopyResume,
+        Kind::RamPlan,
         Kind::Ack,
         Kind::Error,
         Kind::RequestPages,
