@@ -493,6 +493,21 @@ fn precopy_over_unix_socket() {
     src.exec("migrate", json!({ "uri": incoming }));
     wait_source_completed(&mut src);
     check_incoming_completes(&mut dest, &dir);
+    // Only what the guest used arrives populated: the rest of its 256 MiB stays untouched
+    // on the destination, as on the source (the destination populates ahead only what the
+    // source's plan names).
+    let rss = resident_kib(dest.skiff.pid());
+    assert!(rss < 64 << 10, "destination resident set {rss} KiB");
+}
+
+/// VmRSS of process `pid`, in KiB.
+fn resident_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmRSS")
 }
 
 /// `--incoming defer`, `migrate-incoming tcp:127.0.0.1:0` and the real port from
