@@ -802,8 +802,10 @@ impl Dest {
         self.stage = Stage::Done;
         self.rp.send(Kind::Ack, &[]);
         self.rp.set(None);
-        self.state.finish(MigrationStatus::Completed, None);
+        // The guest runs before `completed` is announced, as in QEMU: a client that sees
+        // the status (or the MIGRATION event) finds the VM running (or paused with -S).
         self.start_guest();
+        self.state.finish(MigrationStatus::Completed, None);
         Ok(())
     }
 
