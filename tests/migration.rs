@@ -1077,6 +1077,14 @@ struct Section {
     pages: Vec<std::ops::Range<u64>>,
 }
 
+impl Section {
+    /// Where the page data of a RamPages section starts (after its head).
+    fn data(&self) -> usize {
+        let pages = (self.end - 4 - self.payload - 12) / 4100;
+        self.payload + 12 + 4 * pages
+    }
+}
+
 /// Splits a stream into its sections (the framing of vmm/src/migration/stream.rs).
 fn parse_stream(bytes: &[u8]) -> Vec<Section> {
     assert_eq!(&bytes[..8], b"SKIFFMIG");
@@ -1091,10 +1099,10 @@ fn parse_stream(bytes: &[u8]) -> Vec<Section> {
         let payload = &bytes[at + 8..at + 8 + len];
         let u64_at = |i: usize| u64::from_le_bytes(payload[i..i + 8].try_into().expect("8 bytes"));
         let pages = match kind {
-            // Address, its check (4 bytes), pages.
+            // Head (address, a u32 checksum per page, a u32 check), pages.
             KIND_RAM_PAGES => {
                 let start = u64_at(0);
-                std::iter::once(start..start + (len as u64 - 12) / 4096 * 4096).collect()
+                std::iter::once(start..start + (len as u64 - 12) / 4100 * 4096).collect()
             }
             // Runs of (address, u32 page count).
             KIND_RAM_ZERO => payload
@@ -1191,7 +1199,7 @@ fn damaged_streams_are_refused() {
         .enumerate()
         .find(|(i, s)| {
             s.kind == KIND_RAM_PAGES
-                && s.end - s.payload >= 12 + 2 * 4096 + 4
+                && s.end - s.payload >= 12 + 2 * 4100 + 4
                 && !sections[i + 1..].iter().any(|later| overlaps(s, later))
         })
         .map(|(_, s)| s)
@@ -1222,11 +1230,12 @@ fn damaged_streams_are_refused() {
         (pages.start + 5, "RamPages section"),
         (pages.payload + 3, "its address or length is corrupt"),
         (
-            pages.payload + 12 + 4096 + 17,
+            pages.data() + 4096 + 17,
             "failed their checksum and were not sent again",
         ),
         (state.payload + 10, "checksum"),
         (state.end - 1, "checksum"),
+        (pages.end - 1, "checksum"),
     ];
     for (at, expected) in flips {
         let mut bad = snapshot.clone();
@@ -1299,7 +1308,7 @@ fn damaged_pages_sent_again_are_superseded() {
         .find(|s| s.kind == KIND_RAM_PAGES)
         .expect("a section of pages");
     let mut damaged = snapshot[pages.start..pages.end].to_vec();
-    damaged[8 + 12 + 100] ^= 0x41;
+    damaged[pages.data() - pages.start + 100] ^= 0x41;
     let mut stream = snapshot[..pages.start].to_vec();
     stream.extend_from_slice(&damaged);
     stream.extend_from_slice(&snapshot[pages.start..]);

@@ -16,7 +16,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::populate::Populator;
 use super::ram::{AtomicBitmap, Bitmap, RamMap, PAGE_SIZE};
-use super::stream::{self, Kind, PageRun, RamPagesPrefix, SectionBody, StreamError};
+use super::stream::{self, Kind, PageRun, SectionBody, StreamError};
 use super::uri::{Channel, Listener};
 use super::{MigrationState, Role};
 use crate::machine::MachineGuard;
@@ -527,8 +527,8 @@ impl Dest {
         let body = SectionBody::start(input)?;
         let len = body.len as u64;
         self.state.update(|p| p.transferred += len);
-        if body.kind == Kind::RamPages && self.stage == Stage::Ram && self.postcopy.is_none() {
-            return self.load_pages_in_place(input, body);
+        if body.kind == Kind::RamPages {
+            return self.load_pages(input, body);
         }
         if !matches!(body.kind, Kind::RamPages | Kind::RamZero | Kind::RamPlan) {
             // Precopy RAM is over: nothing may populate pages that are about to be
@@ -546,20 +546,32 @@ impl Dest {
         result
     }
 
-    /// Precopy pages, read from the stream straight into guest RAM (one copy instead of
-    /// two). The address and length are checked before anything is written; pages whose data
-    /// then fails the section checksum are unconfirmed: the source read them while its guest
-    /// wrote them and sends them again (see [`Dest::check_confirmed`]). Nothing runs on them
-    /// before that.
-    fn load_pages_in_place(
+    /// A `RamPages` section. Its head (address, length and page checksums) is checked
+    /// before anything is written. In precopy the pages are read straight into guest RAM
+    /// (one copy instead of two), and a page that misses its checksum is unconfirmed: the
+    /// source read it while its guest wrote it and sends it again (see
+    /// [`Dest::check_confirmed`]); nothing runs on it before that. In postcopy the source's
+    /// guest is stopped, so a page that misses its checksum is corrupt, and it is placed
+    /// atomically only once checked.
+    fn load_pages(
         &mut self,
         input: &mut BufReader<Channel>,
         mut body: SectionBody,
     ) -> Result<(), DestError> {
-        let mut prefix = [0u8; RamPagesPrefix::LEN];
-        body.read(input, &mut prefix)?;
-        let gpa = RamPagesPrefix::decode(&prefix, body.len, PAGE_SIZE)?.addr;
-        let count = (body.len - RamPagesPrefix::LEN) / PAGE_SIZE;
+        match self.stage {
+            Stage::Start => {
+                return Err(Self::unexpected(Kind::RamPages, "before the configuration"))
+            }
+            Stage::Ram | Stage::Postcopy => {}
+            _ => {
+                return Err(Self::unexpected(
+                    Kind::RamPages,
+                    "at this point of the migration",
+                ))
+            }
+        }
+        let head = stream::read_pages_head(&mut body, input, PAGE_SIZE)?;
+        let (gpa, count) = (head.addr, head.page_crcs.len());
         let bad = |reason: String| {
             DestError::Stream(StreamError::Payload {
                 kind: Kind::RamPages,
@@ -570,6 +582,23 @@ impl Dest {
             .ram
             .run(gpa, count)
             .ok_or_else(|| bad(format!("{count} pages at {gpa:#x} are not guest RAM")))?;
+        if let Some(postcopy) = &self.postcopy {
+            let mut data = std::mem::take(&mut self.payload);
+            data.resize(count * PAGE_SIZE, 0);
+            body.read_unhashed(input, &mut data)?;
+            body.finish(input)?;
+            let intact = data
+                .chunks(PAGE_SIZE)
+                .zip(&head.page_crcs)
+                .all(|(page, crc)| stream::page_crc(page) == *crc);
+            let placed = if intact {
+                postcopy.faults.place(pages.start, &data)
+            } else {
+                Err(bad(format!("a page at {gpa:#x} fails its checksum")))
+            };
+            self.payload = data;
+            return placed;
+        }
         let populated_ahead = self
             .populator
             .as_ref()
@@ -581,26 +610,24 @@ impl Dest {
         // vCPUs are stopped and no userfaultfd is registered, so nothing else uses them.
         let target = unsafe { self.ram.pages_mut(pages.start, count, populate) }
             .ok_or_else(|| bad(format!("no mapping for {gpa:#x}")))?;
-        body.read(input, target)?;
+        body.read_unhashed(input, target)?;
+        body.finish(input)?;
         if let Some(populator) = &self.populator {
             populator.loader_reached(pages.end);
         }
-        let confirmed = match body.finish(input) {
-            Ok(_) => true,
-            Err(StreamError::Checksum { .. }) => {
-                log::debug!("migration: {count} pages at {gpa:#x} changed while they were sent");
-                false
-            }
-            Err(e) => return Err(e.into()),
-        };
-        for page in pages {
+        let mut changed = 0;
+        for ((page, data), crc) in pages.zip(target.chunks(PAGE_SIZE)).zip(&head.page_crcs) {
             self.received.set(page);
             self.written.set(page);
-            if confirmed {
+            if stream::page_crc(data) == *crc {
                 self.unconfirmed.clear(page);
             } else {
                 self.unconfirmed.set(page);
+                changed += 1;
             }
+        }
+        if changed > 0 {
+            log::debug!("migration: {changed} pages at {gpa:#x} changed while they were sent");
         }
         Ok(())
     }
@@ -621,7 +648,6 @@ impl Dest {
         match (self.stage, kind) {
             (Stage::Start, Kind::Config) => self.check_config(payload),
             (Stage::Start, _) => Err(Self::unexpected(kind, "before the configuration")),
-            (Stage::Ram | Stage::Postcopy, Kind::RamPages) => self.load_pages(payload),
             (Stage::Ram | Stage::Postcopy, Kind::RamZero) => self.load_zero(payload),
             (Stage::Ram, Kind::RamPlan) => self.plan(payload),
             (Stage::Ram, Kind::PostcopyAdvise) => {
@@ -669,26 +695,6 @@ impl Dest {
             .check(&StreamConfig::of(&self.vm, &self.ram))
             .map_err(DestError::Mismatch)?;
         self.stage = Stage::Ram;
-        Ok(())
-    }
-
-    fn load_pages(&mut self, payload: &[u8]) -> Result<(), DestError> {
-        let (gpa, data) = stream::decode_pages(payload, PAGE_SIZE)?;
-        let count = data.len() / PAGE_SIZE;
-        let pages = self.ram.run(gpa, count).ok_or_else(|| {
-            DestError::Stream(StreamError::Payload {
-                kind: Kind::RamPages,
-                reason: format!("{count} pages at {gpa:#x} are not guest RAM"),
-            })
-        })?;
-        if let Some(postcopy) = &self.postcopy {
-            return postcopy.faults.place(pages.start, data);
-        }
-        self.ram.write_pages(pages.start, data);
-        for page in pages {
-            self.received.set(page);
-            self.written.set(page);
-        }
         Ok(())
     }
 

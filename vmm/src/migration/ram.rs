@@ -175,33 +175,18 @@ impl RamMap {
         let host = self.host(page)?;
         let len = count * PAGE_SIZE;
         if populate {
-            // SAFETY: see write_pages; populating changes no contents.
+            // SAFETY: populating pages of a live private anonymous mapping changes no contents.
             unsafe { libc::madvise(host as *mut libc::c_void, len, MADV_POPULATE_WRITE) };
         }
         // SAFETY: the caller guarantees the range is one live mapping nobody else uses now.
         Some(unsafe { std::slice::from_raw_parts_mut(host as *mut u8, len) })
     }
 
-    /// Writes `data` (whole pages) to the pages from `page` on. The caller guarantees no
-    /// userfaultfd registration covers them.
-    pub fn write_pages(&self, page: usize, data: &[u8]) {
-        if let Some(host) = self.host(page) {
-            // One call populates the whole run instead of one page fault per page; kernels
-            // before 5.14 refuse it and the copy faults the pages in as before.
-            // SAFETY: populating pages of a live private anonymous mapping changes no contents.
-            unsafe { libc::madvise(host as *mut libc::c_void, data.len(), MADV_POPULATE_WRITE) };
-            // SAFETY: the caller checked with `run` that the pages lie in one live mapping;
-            // `data` is a separate buffer; nothing else writes this RAM while it is loaded
-            // (the destination's vCPUs are stopped).
-            unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), host as *mut u8, data.len()) };
-        }
-    }
-
     /// Zeroes page `page` if it is not zero already (reading a never-touched page maps the
     /// shared zero page and allocates nothing).
     pub fn zero_page(&self, page: usize) {
         if let Some(host) = self.host(page) {
-            // SAFETY: as in `write_pages`: a page of a live mapping nobody else writes now.
+            // SAFETY: a page of a live guest mapping (the type's contract) nobody else writes now.
             let slice = unsafe { std::slice::from_raw_parts_mut(host as *mut u8, PAGE_SIZE) };
             if !is_zero(slice) {
                 slice.fill(0);
@@ -653,11 +638,19 @@ mod tests {
         assert_eq!(again.count(), 0, "the VMM's bitmap is cleared when read");
     }
 
+    /// Writes `data` (whole pages) to the pages from `page` on.
+    fn fill(ram: &RamMap, page: usize, data: &[u8]) {
+        // SAFETY: no vCPU runs on this memory and the pages lie in its one region.
+        unsafe { ram.pages_mut(page, data.len() / PAGE_SIZE, true) }
+            .unwrap()
+            .copy_from_slice(data);
+    }
+
     #[test]
     fn page_map_tells_untouched_pages() {
         let mem = create_guest_memory(4 * MIB).unwrap();
         let ram = RamMap::new(&mem);
-        ram.write_pages(1, &[1u8; PAGE_SIZE]);
+        fill(&ram, 1, &[1u8; PAGE_SIZE]);
         let mut map = PageMap::open().unwrap();
         let mut out = Vec::new();
         map.unpopulated(ram.host(0).unwrap(), 3, &mut out).unwrap();
@@ -668,7 +661,7 @@ mod tests {
     fn pages_are_written_read_zeroed_and_discarded() {
         let mem = create_guest_memory(4 * MIB).unwrap();
         let ram = RamMap::new(&mem);
-        ram.write_pages(2, &[9u8; 2 * PAGE_SIZE]);
+        fill(&ram, 2, &[9u8; 2 * PAGE_SIZE]);
         // SAFETY: no vCPU runs on this memory.
         let page = |n| unsafe { ram.live_pages(n, 1) }.unwrap().to_vec();
         assert!(page(3).iter().all(|b| *b == 9));
@@ -683,8 +676,8 @@ mod tests {
     fn populated_runs_are_the_pages_written() {
         let mem = create_guest_memory(4 * MIB).unwrap();
         let ram = RamMap::new(&mem);
-        ram.write_pages(3, &[1u8; 2 * PAGE_SIZE]);
-        ram.write_pages(9, &[1u8; PAGE_SIZE]);
+        fill(&ram, 3, &[1u8; 2 * PAGE_SIZE]);
+        fill(&ram, 9, &[1u8; PAGE_SIZE]);
         let mut map = PageMap::open().unwrap();
         assert_eq!(ram.populated_runs(&mut map).unwrap(), vec![3..5, 9..10]);
     }

@@ -538,16 +538,16 @@ impl Source {
     ) -> Result<(), SourceError> {
         let page = first + start;
         let gpa = self.ram.gpa(page).unwrap_or(0);
-        // SAFETY: sent as it is: if the guest writes a page during the send, the section may
-        // fail its checksum at the destination, which then waits for the page again, and the
-        // dirty log sends it again.
+        // SAFETY: sent as it is: if the guest writes a page during the send, the page may
+        // miss its checksum at the destination, which then waits for it again, and the dirty
+        // log sends it again.
         let Some(data) = (unsafe { self.ram.live_pages(page, pages) }) else {
             return Err(SourceError::State(format!(
                 "pages {page}..{} are not in one RAM region",
                 page + pages
             )));
         };
-        let n = conn.out.ram_pages(gpa, data)?;
+        let n = conn.out.ram_pages(gpa, data, PAGE_SIZE)?;
         self.count(n, phase);
         Ok(())
     }
