@@ -587,10 +587,7 @@ impl Dest {
             data.resize(count * PAGE_SIZE, 0);
             body.read_unhashed(input, &mut data)?;
             body.finish(input)?;
-            let intact = data
-                .chunks(PAGE_SIZE)
-                .zip(&head.page_crcs)
-                .all(|(page, crc)| stream::page_crc(page) == *crc);
+            let intact = head.intact_pages(&data, PAGE_SIZE).all(|ok| ok);
             let placed = if intact {
                 postcopy.faults.place(pages.start, &data)
             } else {
@@ -616,10 +613,10 @@ impl Dest {
             populator.loader_reached(pages.end);
         }
         let mut changed = 0;
-        for ((page, data), crc) in pages.zip(target.chunks(PAGE_SIZE)).zip(&head.page_crcs) {
+        for (page, intact) in pages.zip(head.intact_pages(target, PAGE_SIZE)) {
             self.received.set(page);
             self.written.set(page);
-            if stream::page_crc(data) == *crc {
+            if intact {
                 self.unconfirmed.clear(page);
             } else {
                 self.unconfirmed.set(page);

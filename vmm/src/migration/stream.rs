@@ -200,17 +200,22 @@ fn frame(
     parts: &[&[u8]],
 ) -> io::Result<([u8; SECTION_HEADER_LEN], [u8; SECTION_TRAILER_LEN], usize)> {
     let len: usize = parts.iter().map(|p| p.len()).sum();
-    let len32 = u32::try_from(len)
-        .ok()
-        .filter(|l| *l as usize <= MAX_SECTION_LEN)
-        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "section too long"))?;
-    let header = section_header(kind, len32);
+    let header = section_header(kind, payload_len(len)?);
     let mut crc = crc32fast::Hasher::new();
     crc.update(&header);
     for part in parts {
         crc.update(part);
     }
     Ok((header, crc.finalize().to_le_bytes(), len))
+}
+
+/// A payload length as a section header carries it; longer than a section may be is an
+/// error.
+fn payload_len(len: usize) -> io::Result<u32> {
+    u32::try_from(len)
+        .ok()
+        .filter(|l| *l as usize <= MAX_SECTION_LEN)
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "section too long"))
 }
 
 fn section_header(kind: Kind, len: u32) -> [u8; SECTION_HEADER_LEN] {
@@ -263,6 +268,18 @@ impl RamPagesHead {
         }
     }
 
+    /// For each page of `data` (the section's pages, of `page_size`), whether it matches its
+    /// checksum.
+    pub fn intact_pages<'a>(
+        &'a self,
+        data: &'a [u8],
+        page_size: usize,
+    ) -> impl Iterator<Item = bool> + 'a {
+        data.chunks(page_size)
+            .zip(&self.page_crcs)
+            .map(|(page, crc)| page_crc(page) == *crc)
+    }
+
     /// The check over the section header (kind and `payload_len`), the address and the
     /// page checksums.
     fn check(&self, payload_len: u32) -> u32 {
@@ -278,8 +295,7 @@ impl RamPagesHead {
     /// The head of a section whose pages take `data_len` bytes.
     pub fn encode(&self, data_len: usize) -> io::Result<Vec<u8>> {
         let head_len = Self::len(self.page_crcs.len());
-        let len = u32::try_from(head_len + data_len)
-            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "section too long"))?;
+        let len = payload_len(head_len + data_len)?;
         let mut out = Vec::with_capacity(head_len);
         out.extend_from_slice(&self.addr.to_le_bytes());
         for page in &self.page_crcs {
@@ -370,11 +386,7 @@ impl<W: Write> SectionWriter<W> {
             page_crcs: data.chunks(page_size).map(page_crc).collect(),
         }
         .encode(data.len())?;
-        let len = u32::try_from(head.len() + data.len())
-            .ok()
-            .filter(|l| *l as usize <= MAX_SECTION_LEN)
-            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "section too long"))?;
-        let header = section_header(Kind::RamPages, len);
+        let header = section_header(Kind::RamPages, payload_len(head.len() + data.len())?);
         let mut crc = crc32fast::Hasher::new();
         crc.update(&header);
         crc.update(&head);
@@ -480,15 +492,8 @@ impl SectionBody {
 
     /// Reads the next `buf.len()` bytes of the payload.
     pub fn read(&mut self, input: &mut impl Read, buf: &mut [u8]) -> Result<(), StreamError> {
-        if buf.len() > self.unread {
-            return Err(StreamError::Payload {
-                kind: self.kind,
-                reason: format!("{} bytes is shorter than its content", self.len),
-            });
-        }
-        read_exact_or(input, buf, "a section", false)?;
+        self.read_unhashed(input, buf)?;
         self.crc.update(buf);
-        self.unread -= buf.len();
         Ok(())
     }
 
