@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 
 use common::bench::median;
 use common::guest::write_guest;
+use common::process::resident_kib;
 use common::TempDir;
 
 const START_RUNS: usize = 30;
@@ -30,28 +31,6 @@ fn percentile(values: &mut [f64], p: f64) -> f64 {
     values.sort_by(|a, b| a.total_cmp(b));
     let rank = ((values.len() as f64 - 1.0) * p).round() as usize;
     values[rank]
-}
-
-/// Resident memory of `pid` in KiB: (total, resident part of the guest RAM mapping), the
-/// guest RAM mapping being the anonymous one of exactly the guest's size.
-fn resident_kib(pid: u32) -> Option<(u64, u64)> {
-    let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).ok()?;
-    let (mut total, mut guest, mut size) = (0u64, 0u64, 0u64);
-    for line in smaps.lines() {
-        let mut words = line.split_whitespace();
-        match words.next() {
-            Some("Size:") => size = words.next()?.parse().ok()?,
-            Some("Rss:") => {
-                let rss: u64 = words.next()?.parse().ok()?;
-                total += rss;
-                if size == GUEST_RAM_KIB {
-                    guest += rss;
-                }
-            }
-            _ => {}
-        }
-    }
-    Some((total, guest))
 }
 
 fn spawn_skiff(kernel: &std::path::Path) -> Child {
@@ -109,7 +88,8 @@ fn main() {
             let _ = out.read_exact(&mut byte);
         }
         sleep(SETTLE);
-        let (total, guest) = resident_kib(child.id()).expect("cannot read skiff's smaps");
+        let (total, guest) =
+            resident_kib(child.id(), GUEST_RAM_KIB).expect("cannot read skiff's smaps");
         stop(child);
         skiff_overhead.push((total - guest) as f64 / 1024.0);
         skiff_total.push(total as f64 / 1024.0);
@@ -128,7 +108,7 @@ fn main() {
                 .spawn()
                 .expect("cannot start qemu");
             sleep(SETTLE);
-            let usage = resident_kib(child.id());
+            let usage = resident_kib(child.id(), GUEST_RAM_KIB);
             stop(child);
             if let Some((total, guest)) = usage {
                 qemu_overhead.push((total - guest) as f64 / 1024.0);

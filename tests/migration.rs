@@ -19,7 +19,7 @@ use common::kvm::userfault_vcpu_faults_work;
 use common::migration_guest::{
     check_guest_ram, pass_counter, write_migration_guest, MIG_END, MIG_START,
 };
-use common::process::{run, Skiff, TestTimer};
+use common::process::{resident_kib, run, Skiff, TestTimer};
 use common::qmp_client::QmpClient;
 use common::{repo_root, TempDir};
 
@@ -496,18 +496,8 @@ fn precopy_over_unix_socket() {
     // Only what the guest used arrives populated: the rest of its 256 MiB stays untouched
     // on the destination, as on the source (the destination populates ahead only what the
     // source's plan names).
-    let rss = resident_kib(dest.skiff.pid());
+    let (rss, _) = resident_kib(dest.skiff.pid(), 256 << 10).expect("destination smaps");
     assert!(rss < 64 << 10, "destination resident set {rss} KiB");
-}
-
-/// VmRSS of process `pid`, in KiB.
-fn resident_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .expect("VmRSS")
 }
 
 /// `--incoming defer`, `migrate-incoming tcp:127.0.0.1:0` and the real port from

@@ -422,3 +422,25 @@ impl Drop for TestTimer {
         );
     }
 }
+
+/// Resident memory of `pid` in KiB: (total, resident part of the guest RAM mapping), the
+/// guest RAM mapping being the anonymous one of exactly `guest_ram_kib`.
+pub fn resident_kib(pid: u32, guest_ram_kib: u64) -> Option<(u64, u64)> {
+    let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).ok()?;
+    let (mut total, mut guest, mut size) = (0u64, 0u64, 0u64);
+    for line in smaps.lines() {
+        let mut words = line.split_whitespace();
+        match words.next() {
+            Some("Size:") => size = words.next()?.parse().ok()?,
+            Some("Rss:") => {
+                let rss: u64 = words.next()?.parse().ok()?;
+                total += rss;
+                if size == guest_ram_kib {
+                    guest += rss;
+                }
+            }
+            _ => {}
+        }
+    }
+    Some((total, guest))
+}
