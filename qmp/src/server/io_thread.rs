@@ -2,7 +2,7 @@
 //! queues requests, runs out-of-band commands, flushes output.
 
 use std::io;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
@@ -37,6 +37,28 @@ struct Port {
     /// stopped at a suspension point).
     pending: Vec<u8>,
     pending_pos: usize,
+    /// Descriptors passed (SCM_RIGHTS) and not yet given to a request; see [`Port::owns_fds`].
+    fds: Vec<OwnedFd>,
+    /// Whether `fds` came with the bytes in `pending` (else with an earlier read).
+    fds_with_pending: bool,
+}
+
+/// JSON whitespace, which QMP skips between messages.
+fn is_json_space(b: &u8) -> bool {
+    matches!(b, b' ' | b'\t' | b'\r' | b'\n')
+}
+
+impl Port {
+    /// Whether the message just completed at `pending_pos` is the one the waiting descriptors
+    /// were sent with. Linux ends a read with the data sent along with descriptors, so they
+    /// belong to the last message begun in that read: one it completes with only whitespace
+    /// after it, else the next message to complete (begun in that read, or, when the read
+    /// held only whitespace, as `qemu.qmp` sends a lone space with them, in a later one).
+    fn owns_fds(&self) -> bool {
+        !self.fds.is_empty()
+            && (!self.fds_with_pending
+                || self.pending[self.pending_pos..].iter().all(is_json_space))
+    }
 }
 
 /// The monitor thread's state.
@@ -67,6 +89,8 @@ impl IoThread {
                 parser: JsonStreamer::new(),
                 pending: Vec::new(),
                 pending_pos: 0,
+                fds: Vec::new(),
+                fds_with_pending: false,
             })
             .collect();
         Ok(IoThread {
@@ -176,6 +200,7 @@ impl IoThread {
         port.parser = JsonStreamer::new();
         port.pending = Vec::new();
         port.pending_pos = 0;
+        port.fds = Vec::new();
         self.shared.monitors[i].lock().disconnect();
     }
 
@@ -188,7 +213,22 @@ impl IoThread {
             return;
         }
         let mut buf = [0u8; READ_CHUNK];
-        match stream.read(&mut buf) {
+        let mut fds = Vec::new();
+        let result = stream.read(&mut buf, &mut fds);
+        if !fds.is_empty() {
+            if !port.fds.is_empty() {
+                // As QEMU: newly passed descriptors replace those no request took yet.
+                log::debug!(
+                    "qmp: closing {} unclaimed passed descriptors",
+                    port.fds.len()
+                );
+            }
+            port.fds = fds;
+            port.fds_with_pending = true;
+        } else {
+            port.fds_with_pending = false;
+        }
+        match result {
             Ok(0) => {
                 self.flush(i);
                 self.disconnect(i, "end of input");
@@ -264,7 +304,12 @@ impl IoThread {
                 // One byte can finish two messages (e.g. `1}`); both are
                 // handled before suspension is looked at again, like QEMU.
                 while let Some(msg) = port.parser.next_message() {
-                    handle(&self.shared, i, msg);
+                    let fds = if port.owns_fds() {
+                        std::mem::take(&mut port.fds)
+                    } else {
+                        Vec::new()
+                    };
+                    handle(&self.shared, i, msg, fds);
                     fed_message = true;
                 }
                 if fed_message {
@@ -335,8 +380,9 @@ impl IoThread {
     }
 }
 
-/// Deals with one parsed message of monitor `i`.
-fn handle(shared: &Shared, i: usize, msg: Message) {
+/// Deals with one parsed message of monitor `i`, and the descriptors that came with it: an
+/// in-band command gets them; otherwise they are closed here.
+fn handle(shared: &Shared, i: usize, msg: Message, fds: Vec<OwnedFd>) {
     let monitor = &shared.monitors[i];
     let (mut session, connection) = {
         let st = monitor.lock();
@@ -367,6 +413,7 @@ fn handle(shared: &Shared, i: usize, msg: Message) {
                 name,
                 arguments,
                 id,
+                fds,
             });
             drop(st);
             shared.signal_requests();

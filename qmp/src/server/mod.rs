@@ -8,6 +8,7 @@
 //! may call [`QmpServer::emit_event`] at any time.
 
 mod addr;
+mod fds;
 mod io_thread;
 mod monitor;
 mod socket;
@@ -24,6 +25,7 @@ use vmm_sys_util::epoll::Epoll;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 pub use addr::{AddrError, ListenAddr};
+pub use fds::CommandFds;
 pub use monitor::QUEUE_MAX;
 
 use crate::command::{CommandResult, CommandSet};
@@ -236,10 +238,10 @@ impl QmpServer {
         &self.shared.requests
     }
 
-    /// Runs at most ONE queued in-band request (round-robin across monitors, one each, like QEMU's dispatcher): calls `exec` for commands; requests that already failed parsing/validation are answered in their place in the queue without calling `exec`. Sends the response to the right client (dropped if that client disconnected meanwhile). Returns false when nothing was queued. Called by the VMM with its big lock held.
+    /// Runs at most ONE queued in-band request (round-robin across monitors, one each, like QEMU's dispatcher): calls `exec` for commands, with the descriptors that came with the command and its monitor's named ones; requests that already failed parsing/validation are answered in their place in the queue without calling `exec`. Sends the response to the right client (dropped if that client disconnected meanwhile). Returns false when nothing was queued. Called by the VMM with its big lock held.
     pub fn run_next(
         &self,
-        exec: &mut dyn FnMut(&str, Map<String, Value>) -> CommandResult,
+        exec: &mut dyn FnMut(&str, Map<String, Value>, CommandFds) -> CommandResult,
     ) -> bool {
         let shared = &*self.shared;
         // One request at a time; a nested call (from inside `exec`) finds nothing.
@@ -277,7 +279,11 @@ impl QmpServer {
                 name,
                 arguments,
                 id,
-            } => message::reply(exec(&name, arguments), id),
+                fds,
+            } => {
+                let fds = CommandFds::new(fds, shared.monitors[i].fds.clone());
+                message::reply(exec(&name, arguments, fds), id)
+            }
         };
         let line = to_line(&reply);
         {

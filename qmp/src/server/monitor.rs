@@ -2,10 +2,12 @@
 //! thread: session, in-band queue, output buffer.
 
 use std::collections::VecDeque;
-use std::sync::{Mutex, MutexGuard};
+use std::os::fd::OwnedFd;
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use serde_json::{Map, Value};
 
+use super::fds::FdTable;
 use crate::session::{Mode, Session};
 
 /// Most in-band requests waiting per monitor once OOB is enabled (QEMU's
@@ -26,6 +28,8 @@ pub(crate) enum Queued {
         name: String,
         arguments: Map<String, Value>,
         id: Option<Value>,
+        /// Descriptors that came with the request (SCM_RIGHTS).
+        fds: Vec<OwnedFd>,
     },
 }
 
@@ -95,6 +99,8 @@ pub(crate) struct Monitor {
     /// The address, for log messages.
     pub(crate) label: String,
     state: Mutex<MonitorState>,
+    /// Descriptors kept by `getfd`; they outlive connections, as in QEMU.
+    pub(crate) fds: Arc<Mutex<FdTable>>,
 }
 
 impl Monitor {
@@ -102,6 +108,7 @@ impl Monitor {
         Monitor {
             label,
             state: Mutex::new(MonitorState::new()),
+            fds: Arc::new(Mutex::new(FdTable::default())),
         }
     }
 

@@ -2,6 +2,7 @@
 
 use std::fs;
 use std::io::{self, Read};
+use std::mem::size_of;
 use std::net::{TcpListener, TcpStream};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
@@ -49,10 +50,11 @@ impl AsRawFd for Listener {
 }
 
 impl Stream {
-    /// Reads what is available.
-    pub(crate) fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+    /// Reads what is available. On a unix socket, descriptors passed with SCM_RIGHTS are
+    /// appended to `fds` (close-on-exec).
+    pub(crate) fn read(&mut self, buf: &mut [u8], fds: &mut Vec<OwnedFd>) -> io::Result<usize> {
         match self {
-            Stream::Unix(s) => s.read(buf),
+            Stream::Unix(s) => recv_with_fds(s, buf, fds),
             Stream::Tcp(s) => s.read(buf),
         }
     }
@@ -84,6 +86,71 @@ impl AsRawFd for Stream {
             Stream::Tcp(s) => s.as_raw_fd(),
         }
     }
+}
+
+/// Most descriptors taken from one read; the kernel closes any beyond (and flags it).
+const MAX_FDS_PER_READ: usize = 16;
+
+/// Bytes for one SCM_RIGHTS message of [`MAX_FDS_PER_READ`] descriptors.
+// SAFETY: CMSG_SPACE only computes a size.
+const CONTROL_LEN: usize =
+    unsafe { libc::CMSG_SPACE((MAX_FDS_PER_READ * size_of::<libc::c_int>()) as u32) } as usize;
+
+/// A control buffer, aligned for cmsghdr.
+#[repr(C)]
+struct FdControl {
+    _align: [libc::cmsghdr; 0],
+    bytes: [u8; CONTROL_LEN],
+}
+
+/// `recvmsg` on a unix stream: data into `buf`, passed descriptors into `fds`.
+fn recv_with_fds(stream: &UnixStream, buf: &mut [u8], fds: &mut Vec<OwnedFd>) -> io::Result<usize> {
+    let mut control = FdControl {
+        _align: [],
+        bytes: [0; CONTROL_LEN],
+    };
+    let mut iov = libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    };
+    // SAFETY: msghdr is plain old data; all zeroes is a valid value.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.bytes.as_mut_ptr().cast();
+    msg.msg_controllen = CONTROL_LEN;
+    // SAFETY: the socket is open and owned by `stream`; `msg` points at `iov` (the live
+    // `buf`) and at the live control buffer, whose sizes it gives.
+    let n = unsafe { libc::recvmsg(stream.as_raw_fd(), &mut msg, libc::MSG_CMSG_CLOEXEC) };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `msg` was filled in by recvmsg; the CMSG macros stay within its control
+    // buffer.
+    let mut cmsg = unsafe { libc::CMSG_FIRSTHDR(&msg) };
+    while !cmsg.is_null() {
+        // SAFETY: a non-null header from CMSG_FIRSTHDR/CMSG_NXTHDR lies within the buffer.
+        let header = unsafe { std::ptr::read_unaligned(cmsg) };
+        if header.cmsg_level == libc::SOL_SOCKET && header.cmsg_type == libc::SCM_RIGHTS {
+            // SAFETY: CMSG_LEN only computes a size.
+            let payload = header.cmsg_len as usize - unsafe { libc::CMSG_LEN(0) } as usize;
+            // SAFETY: CMSG_DATA points at the header's payload, inside the buffer.
+            let data = unsafe { libc::CMSG_DATA(cmsg) }.cast::<libc::c_int>();
+            for k in 0..payload / size_of::<libc::c_int>() {
+                // SAFETY: `k` indexes an int of the payload; the kernel installed that
+                // descriptor for this process, and nothing else owns it.
+                fds.push(unsafe { OwnedFd::from_raw_fd(std::ptr::read_unaligned(data.add(k))) });
+            }
+        }
+        // SAFETY: as above; `cmsg` is a header of `msg`.
+        cmsg = unsafe { libc::CMSG_NXTHDR(&msg, cmsg) };
+    }
+    if msg.msg_flags & libc::MSG_CTRUNC != 0 {
+        log::warn!(
+            "qmp: more than {MAX_FDS_PER_READ} descriptors came at once; the rest were closed"
+        );
+    }
+    Ok(n.unsigned_abs())
 }
 
 fn bind_error(addr: &str, source: io::Error) -> ServerError {

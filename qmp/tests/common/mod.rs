@@ -12,7 +12,12 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use qmp::{CommandMeta, CommandSet, ErrorClass, QmpError, QmpServer, ServerConfig, VersionInfo};
+use qmp::{
+    CommandFds, CommandMeta, CommandSet, ErrorClass, QmpError, QmpServer, ServerConfig, VersionInfo,
+};
+
+#[path = "../../../tests/common/fd_passing.rs"]
+pub mod fd_passing;
 use serde_json::{json, Map, Value};
 
 /// A handful of commands that behave like QEMU's with `-M none`.
@@ -21,9 +26,8 @@ pub struct FakeCommands;
 impl CommandSet for FakeCommands {
     fn lookup(&self, name: &str) -> Option<CommandMeta> {
         match name {
-            "query-version" | "query-name" | "query-status" | "block" | "echo" | "fail" => {
-                Some(CommandMeta { allow_oob: false })
-            }
+            "query-version" | "query-name" | "query-status" | "block" | "echo" | "fail"
+            | "getfd" | "closefd" => Some(CommandMeta { allow_oob: false }),
             "migrate-pause" => Some(CommandMeta { allow_oob: true }),
             _ => None,
         }
@@ -103,7 +107,10 @@ impl Harness {
             let stop = stop.clone();
             let executed = executed.clone();
             std::thread::spawn(move || {
-                let mut exec = |name: &str, args: Map<String, Value>| -> Result<Value, QmpError> {
+                let mut exec = |name: &str,
+                                args: Map<String, Value>,
+                                mut fds: CommandFds|
+                 -> Result<Value, QmpError> {
                     executed.lock().unwrap().push(name.to_string());
                     match name {
                         "block" => {
@@ -112,6 +119,15 @@ impl Harness {
                             Ok(json!({}))
                         }
                         "echo" => Ok(Value::Object(args)),
+                        "getfd" | "closefd" => {
+                            let fdname = args.get("fdname").and_then(Value::as_str).unwrap_or("");
+                            let result = if name == "getfd" {
+                                fds.getfd(fdname)
+                            } else {
+                                fds.closefd(fdname)
+                            };
+                            result.map(|()| json!({}))
+                        }
                         "fail" => Err(QmpError::generic("it failed")),
                         "migrate-pause" => Err(QmpError::generic(
                             "migrate-pause is currently only supported during postcopy-active state",
