@@ -205,6 +205,14 @@ impl InBandCommands for Vm {
         self.calls.push("quit".into());
         Ok(())
     }
+    fn getfd(&mut self, fdname: String) -> Result<(), QmpError> {
+        self.calls.push(format!("getfd {fdname}"));
+        Ok(())
+    }
+    fn closefd(&mut self, fdname: String) -> Result<(), QmpError> {
+        self.calls.push(format!("closefd {fdname}"));
+        Ok(())
+    }
 }
 
 fn args(v: Value) -> Map<String, Value> {
@@ -962,6 +970,8 @@ mod qemu {
         for name in [
             "migrate-pause",
             "migrate-recover",
+            "getfd",
+            "closefd",
             "pmemsave",
             "memsave",
             "qmp_capabilities",
@@ -1025,6 +1035,9 @@ mod qemu {
             ("qmp_capabilities", json!({"enable": ["x"]})),
             ("qmp_capabilities", json!({"oob": true})),
             ("query-status", json!({"x": {}})),
+            ("getfd", json!({})),
+            ("getfd", json!({"fdname": 3})),
+            ("closefd", json!({"fdname": "x", "z": 1})),
         ];
         // Several unexpected members: QEMU names the first in its hash table order.
         let mut seed: u64 = 0x1234_5678;

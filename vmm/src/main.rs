@@ -99,6 +99,8 @@ fn init_logging() {
 }
 
 fn main() -> ExitCode {
+    // Before anything is opened: `fd:N` may only name what was inherited.
+    skiff::migration::inherited::record();
     init_logging();
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,

@@ -16,11 +16,12 @@ use api::{
     ShutdownCause, StatusInfo, SysEmuTarget, UuidInfo, VersionInfo, VersionTriple,
 };
 use event_manager::{EventOps, Events, MutEventSubscriber};
-use qmp::{QmpError, QmpServer};
+use qmp::{CommandFds, QmpError, QmpServer};
 use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::epoll::EventSet;
 
 use crate::machine::MachineGuard;
+use crate::migration::inherited;
 use crate::migration::uri::MigrationUri;
 use crate::migration::{self, MigrationState, Role};
 use crate::runstate::RunState;
@@ -63,16 +64,35 @@ pub struct InBandHandler<'a> {
     vm: &'a Arc<Vm>,
     machine: MachineGuard<'a>,
     oob: &'a OobContext,
+    fds: CommandFds,
 }
 
 impl<'a> InBandHandler<'a> {
-    /// A handler for one command; takes the big lock.
-    pub fn new(vm: &'a Arc<Vm>, oob: &'a OobContext) -> Self {
+    /// A handler for one command, with the descriptors it may use; takes the big lock.
+    pub fn new(vm: &'a Arc<Vm>, oob: &'a OobContext, fds: CommandFds) -> Self {
         InBandHandler {
             vm,
             machine: vm.lock(),
             oob,
+            fds,
         }
+    }
+
+    /// Gives an `fd:NAME` URI its descriptor (other URIs are left alone): the one the
+    /// issuing monitor keeps under NAME, which is taken from it, as QEMU does. For an
+    /// incoming migration a NAME starting with a digit is the number of a descriptor Skiff
+    /// inherited instead (QEMU's `monitor_fd_param`).
+    fn attach_fd(&self, uri: &MigrationUri, outgoing: bool) -> Result<(), QmpError> {
+        let Some(name) = uri.fd_name() else {
+            return Ok(());
+        };
+        let fd = if !outgoing && name.starts_with(|c: char| c.is_ascii_digit()) {
+            inherited::take(name).map_err(|e| QmpError::generic(e.to_string()))?
+        } else {
+            self.fds.take(name)?
+        };
+        uri.attach_fd(fd, outgoing)
+            .map_err(|e| QmpError::generic(e.to_string()))
     }
 
     fn check_cpu_index(&self, cpu_index: Option<i64>) -> Result<usize, QmpError> {
@@ -471,6 +491,8 @@ impl InBandCommands for InBandHandler<'_> {
     ) -> Result<(), QmpError> {
         let uri = MigrationUri::parse(&uri).map_err(|e| QmpError::generic(e.to_string()))?;
         if resume.unwrap_or(false) {
+            self.vm.migration().check_resumable()?;
+            self.attach_fd(&uri, true)?;
             return self.vm.migration().request_resume(uri);
         }
         match self.machine.run_state {
@@ -486,6 +508,9 @@ impl InBandCommands for InBandHandler<'_> {
                 )))
             }
         }
+        // The descriptor stays with the monitor if the migration cannot start at all.
+        self.vm.migration().check_idle()?;
+        self.attach_fd(&uri, true)?;
         migration::source::start(self.vm.clone(), uri).map_err(QmpError::generic)
     }
 
@@ -506,6 +531,7 @@ impl InBandCommands for InBandHandler<'_> {
             ));
         }
         let uri = MigrationUri::parse(&uri).map_err(|e| QmpError::generic(e.to_string()))?;
+        self.attach_fd(&uri, false)?;
         let listener = uri.listen().map_err(|e| QmpError::generic(e.to_string()))?;
         migration::dest::start(self.vm.clone(), listener, exit_on_error.unwrap_or(true))
             .map_err(QmpError::generic)
@@ -517,6 +543,14 @@ impl InBandCommands for InBandHandler<'_> {
 
     fn migrate_start_postcopy(&mut self) -> Result<(), QmpError> {
         self.vm.migration().start_postcopy()
+    }
+
+    fn getfd(&mut self, fdname: String) -> Result<(), QmpError> {
+        self.fds.getfd(&fdname)
+    }
+
+    fn closefd(&mut self, fdname: String) -> Result<(), QmpError> {
+        self.fds.closefd(&fdname)
     }
 
     fn quit(&mut self) -> Result<(), QmpError> {
@@ -551,8 +585,8 @@ impl MutEventSubscriber for QmpDispatcher {
     fn process(&mut self, _events: Events, _ops: &mut EventOps) {
         let vm = &self.vm;
         let oob = &self.oob;
-        self.server.run_next(&mut |name, arguments| {
-            let mut handler = InBandHandler::new(vm, oob);
+        self.server.run_next(&mut |name, arguments, fds| {
+            let mut handler = InBandHandler::new(vm, oob, fds);
             api::dispatch_inband(&mut handler, name, arguments)
         });
     }

@@ -185,7 +185,13 @@ impl Vmm {
         let qmp = start_qmp(&config, &migration)?;
         // The incoming address is taken before anything else, so a bad one fails start-up.
         let incoming = match &config.incoming {
-            Some(Incoming::Uri(uri)) => Some(uri.listen()?),
+            Some(Incoming::Uri(uri)) => {
+                // `fd:N` on the command line: the descriptor N Skiff inherited (QEMU's too).
+                if let Some(number) = uri.fd_name() {
+                    uri.attach_fd(migration::inherited::take(number)?, false)?;
+                }
+                Some(uri.listen()?)
+            }
             _ => None,
         };
         migration.set_autostart(!config.start_paused);

@@ -9,6 +9,8 @@
 //! missing page.
 
 pub mod dest;
+pub mod fd_channel;
+pub mod inherited;
 pub mod populate;
 pub mod ram;
 pub mod replies;
@@ -256,13 +258,19 @@ impl MigrationState {
         self.inner().role
     }
 
+    /// Fails (with QEMU's text) while a migration is under way.
+    pub fn check_idle(&self) -> Result<(), QmpError> {
+        if self.is_active() {
+            return Err(QmpError::generic("There's a migration process in progress"));
+        }
+        Ok(())
+    }
+
     /// Starts a new migration in `role`: resets progress and flags, enters `setup`.
     pub fn begin(&self, role: Role, ram_bytes: u64) -> Result<(), QmpError> {
         {
             let mut inner = self.inner();
-            if self.is_active() {
-                return Err(QmpError::generic("There's a migration process in progress"));
-            }
+            self.check_idle()?;
             inner.role = role;
             inner.progress = Progress {
                 start: Some(Instant::now()),
@@ -388,14 +396,20 @@ impl MigrationState {
         self.inner().recover_listener.is_some()
     }
 
-    /// `migrate` with `resume: true` on a paused source: hands the new address to the
-    /// migration thread.
-    pub fn request_resume(&self, uri: MigrationUri) -> Result<(), QmpError> {
+    /// Fails (with QEMU's text) unless this is a paused postcopy source.
+    pub fn check_resumable(&self) -> Result<(), QmpError> {
         if self.status() != MigrationStatus::PostcopyPaused || self.role() != Role::Source {
             return Err(QmpError::generic(
                 "Cannot resume if there is no paused migration",
             ));
         }
+        Ok(())
+    }
+
+    /// `migrate` with `resume: true` on a paused source: hands the new address to the
+    /// migration thread.
+    pub fn request_resume(&self, uri: MigrationUri) -> Result<(), QmpError> {
+        self.check_resumable()?;
         self.inner().resume_uri = Some(uri);
         self.changed.notify_all();
         Ok(())

@@ -1,13 +1,14 @@
-//! Migration addresses (`unix:PATH`, `tcp:HOST:PORT`, `file:PATH[,offset=N]`) and the
-//! channels and listeners behind them.
+//! Migration addresses (`unix:PATH`, `tcp:HOST:PORT`, `file:PATH[,offset=N]`, `fd:NAME`) and
+//! the channels and listeners behind them.
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::net::{Shutdown, TcpListener, TcpStream, ToSocketAddrs};
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::MetadataExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
 
 use api::{InetSocketAddress, SocketAddress, SocketAddressType, UnixSocketAddress};
 
@@ -25,7 +26,41 @@ pub enum MigrationUri {
         /// Where the stream starts in it.
         offset: u64,
     },
+    /// A descriptor passed to the monitor (`getfd`) or inherited: a connected stream socket,
+    /// or a file or pipe.
+    Fd(FdUri),
 }
+
+/// The descriptor of an `fd:NAME` URI. Parsing gives only the name; the command that got
+/// the URI attaches the descriptor ([`MigrationUri::attach_fd`]), and the first connect or
+/// listen takes it.
+#[derive(Debug, Clone)]
+pub struct FdUri {
+    name: String,
+    channel: Arc<Mutex<Option<Channel>>>,
+}
+
+impl FdUri {
+    fn slot(&self) -> std::sync::MutexGuard<'_, Option<Channel>> {
+        self.channel.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The channel, taken out.
+    fn take(&self) -> Result<Channel, UriError> {
+        self.slot().take().ok_or_else(|| UriError::Fd {
+            name: self.name.clone(),
+            reason: "no descriptor attached, or it was used already".into(),
+        })
+    }
+}
+
+impl PartialEq for FdUri {
+    fn eq(&self, other: &Self) -> bool {
+        self.name == other.name && Arc::ptr_eq(&self.channel, &other.channel)
+    }
+}
+
+impl Eq for FdUri {}
 
 /// Errors parsing, connecting or listening.
 #[derive(Debug, thiserror::Error)]
@@ -40,6 +75,17 @@ pub enum UriError {
         uri: String,
         /// What is wrong.
         reason: &'static str,
+    },
+    /// `fd:N` with N not a descriptor number (QEMU's text).
+    #[error("Invalid file descriptor number '{0}'")]
+    FdNumber(String),
+    /// The descriptor of `fd:NAME` cannot carry a migration.
+    #[error("file descriptor '{name}': {reason}")]
+    Fd {
+        /// The name (or number) in the URI.
+        name: String,
+        /// What is wrong.
+        reason: String,
     },
     /// Connecting, binding or opening failed.
     #[error("Failed to {what} '{addr}': {source}")]
@@ -91,14 +137,41 @@ impl MigrationUri {
                 offset,
             });
         }
+        if let Some(name) = uri.strip_prefix("fd:") {
+            return Ok(MigrationUri::Fd(FdUri {
+                name: name.to_string(),
+                channel: Arc::default(),
+            }));
+        }
         let scheme = uri.split(':').next().unwrap_or(uri);
         Err(UriError::Protocol(scheme.to_string()))
     }
 
     /// Whether the destination can answer over this kind of channel (sockets can, files
-    /// cannot); postcopy needs it.
+    /// cannot); postcopy needs it. An `fd:` URI can once a socket is attached.
     pub fn has_return_path(&self) -> bool {
-        !matches!(self, MigrationUri::File { .. })
+        match self {
+            MigrationUri::File { .. } => false,
+            MigrationUri::Fd(fd) => fd.slot().as_ref().is_some_and(Channel::has_return_path),
+            _ => true,
+        }
+    }
+
+    /// The name of an `fd:NAME` URI, whose descriptor must be attached before use.
+    pub fn fd_name(&self) -> Option<&str> {
+        match self {
+            MigrationUri::Fd(fd) => Some(&fd.name),
+            _ => None,
+        }
+    }
+
+    /// Attaches the descriptor of an `fd:NAME` URI (a no-op for other URIs), after checking
+    /// that it can carry the stream in that direction (`outgoing`: the source's).
+    pub fn attach_fd(&self, fd: OwnedFd, outgoing: bool) -> Result<(), UriError> {
+        if let MigrationUri::Fd(uri) = self {
+            *uri.slot() = Some(Channel::from_fd(fd, &uri.name, outgoing)?);
+        }
+        Ok(())
     }
 
     /// Connects to the destination (source side). A file is created or truncated.
@@ -136,6 +209,7 @@ impl MigrationUri {
                 file.seek(SeekFrom::Start(*offset)).map_err(io_err)?;
                 Ok(Channel::File(file))
             }
+            MigrationUri::Fd(fd) => fd.take(),
         }
     }
 
@@ -178,8 +252,9 @@ impl MigrationUri {
                 };
                 let mut file = File::open(path).map_err(io_err)?;
                 file.seek(SeekFrom::Start(*offset)).map_err(io_err)?;
-                Ok(Listener::File(Some(file)))
+                Ok(Listener::Open(Some(Channel::File(file))))
             }
+            MigrationUri::Fd(fd) => Ok(Listener::Open(Some(fd.take()?))),
         }
     }
 }
@@ -239,7 +314,7 @@ fn set_buffers(fd: std::os::fd::RawFd, bytes: libc::c_int) {
 
 impl Channel {
     /// Tunes a freshly connected or accepted socket for bulk transfer.
-    fn tuned(self) -> Channel {
+    pub(super) fn tuned(self) -> Channel {
         if !matches!(self, Channel::File(_)) {
             set_buffers(self.as_raw_fd(), SOCKET_BUFFER);
         }
@@ -299,10 +374,14 @@ impl Channel {
         Ok(usize::try_from(queued).unwrap_or(0))
     }
 
-    /// Makes a file's contents durable (no-op for sockets).
+    /// Makes a file's contents durable (no-op for sockets, and for pipes and devices, which
+    /// hold nothing to flush).
     pub fn sync(&self) -> io::Result<()> {
         match self {
-            Channel::File(f) => f.sync_data(),
+            Channel::File(f) => match f.sync_data() {
+                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => Ok(()),
+                other => other,
+            },
             _ => Ok(()),
         }
     }
@@ -358,8 +437,8 @@ pub enum Listener {
     Unix(UnixListener, PathBuf, u64),
     /// A TCP socket.
     Tcp(TcpListener),
-    /// A file, handed out once.
-    File(Option<File>),
+    /// A channel open already (a file, or a descriptor passed with `fd:`), handed out once.
+    Open(Option<Channel>),
 }
 
 impl Listener {
@@ -372,8 +451,8 @@ impl Listener {
                 let _ = s.set_nodelay(true);
                 Ok(Channel::Tcp(s).tuned())
             }
-            Listener::File(f) => f.take().map(Channel::File).ok_or_else(|| {
-                io::Error::new(io::ErrorKind::UnexpectedEof, "the file was already read")
+            Listener::Open(channel) => channel.take().ok_or_else(|| {
+                io::Error::new(io::ErrorKind::UnexpectedEof, "the channel was already used")
             }),
         }
     }
@@ -396,7 +475,7 @@ impl Listener {
                 }),
                 unix: None,
             }),
-            Listener::File(_) => None,
+            Listener::Open(_) => None,
         }
     }
 }
@@ -414,13 +493,13 @@ impl Drop for Listener {
 }
 
 impl AsRawFd for Listener {
-    /// The listening socket (for poll), or the file.
+    /// The listening socket (for poll), or the open channel.
     fn as_raw_fd(&self) -> RawFd {
         match self {
             Listener::Unix(l, _, _) => l.as_raw_fd(),
             Listener::Tcp(l) => l.as_raw_fd(),
-            Listener::File(Some(f)) => f.as_raw_fd(),
-            Listener::File(None) => -1,
+            Listener::Open(Some(c)) => c.as_raw_fd(),
+            Listener::Open(None) => -1,
         }
     }
 }
@@ -459,6 +538,36 @@ mod tests {
         assert!(MigrationUri::parse("unix:").is_err());
         assert!(MigrationUri::parse("file:x,offset=zz").is_err());
         assert!(MigrationUri::parse("nonsense").is_err());
+    }
+
+    #[test]
+    fn fd_uris_take_their_descriptor_once() {
+        let uri = MigrationUri::parse("fd:mig").unwrap();
+        assert_eq!(uri.fd_name(), Some("mig"));
+        assert_eq!(MigrationUri::parse("fd:").unwrap().fd_name(), Some(""));
+        assert_eq!(MigrationUri::parse("unix:/x").unwrap().fd_name(), None);
+        assert!(!uri.has_return_path(), "nothing attached yet");
+        assert_eq!(
+            uri.connect().unwrap_err().to_string(),
+            "file descriptor 'mig': no descriptor attached, or it was used already"
+        );
+        let (a, mut b) = UnixStream::pair().unwrap();
+        uri.attach_fd(a.into(), true).unwrap();
+        assert!(uri.has_return_path());
+        // A clone shares the descriptor: whichever connects first takes it.
+        let mut out = uri.clone().connect().unwrap();
+        assert!(uri.connect().is_err());
+        out.write_all(b"ok").unwrap();
+        let mut buf = [0u8; 2];
+        b.read_exact(&mut buf).unwrap();
+        assert_eq!(&buf, b"ok");
+        // The destination side: the attached channel is handed out once by its listener.
+        let incoming = MigrationUri::parse("fd:in").unwrap();
+        incoming.attach_fd(b.into(), false).unwrap();
+        let mut listener = incoming.listen().unwrap();
+        assert!(listener.socket_address().is_none());
+        listener.accept().unwrap();
+        assert!(listener.accept().is_err());
     }
 
     /// A unix socket URI in a new directory, its listener, and one connection (connecting

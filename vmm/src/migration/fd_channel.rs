@@ -1,0 +1,155 @@
+//! A migration channel from a passed or inherited descriptor (`fd:` URIs): a connected
+//! stream socket works like `unix:` or `tcp:` (with a return path), anything else that can
+//! be read or written in sequence (a regular file, a pipe, a device) like `file:`.
+
+use std::fs::File;
+use std::io;
+use std::net::TcpStream;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::net::UnixStream;
+
+use super::uri::{Channel, UriError};
+
+/// An integer socket option of `fd`.
+fn socket_option(fd: &OwnedFd, option: libc::c_int) -> io::Result<libc::c_int> {
+    let mut value: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: `fd` is open; `value` and `len` are live and sized as passed.
+    let ret = unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            option,
+            (&mut value as *mut libc::c_int).cast(),
+            &mut len,
+        )
+    };
+    if ret < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(value)
+}
+
+/// Whether the socket has a peer.
+fn is_connected(fd: &OwnedFd) -> bool {
+    // SAFETY: sockaddr_storage is plain old data; all zeroes is a valid value.
+    let mut addr: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+    // SAFETY: `fd` is open; `addr` and `len` are live and sized as passed.
+    let ret = unsafe {
+        libc::getpeername(
+            fd.as_raw_fd(),
+            (&mut addr as *mut libc::sockaddr_storage).cast(),
+            &mut len,
+        )
+    };
+    ret == 0
+}
+
+impl Channel {
+    /// A channel over `fd`, named `name` in errors, for the source (`outgoing`) or the
+    /// destination. Refuses what cannot carry a stream that way, with the reason.
+    pub fn from_fd(fd: OwnedFd, name: &str, outgoing: bool) -> Result<Channel, UriError> {
+        let refuse = |reason: String| UriError::Fd {
+            name: name.to_string(),
+            reason,
+        };
+        let os = |e: io::Error| refuse(e.to_string());
+        let file = File::from(fd);
+        let kind = file.metadata().map_err(os)?.file_type();
+        let fd = OwnedFd::from(file);
+        if std::os::unix::fs::FileTypeExt::is_socket(&kind) {
+            if socket_option(&fd, libc::SO_TYPE).map_err(os)? != libc::SOCK_STREAM {
+                return Err(refuse("not a stream socket".into()));
+            }
+            if !is_connected(&fd) {
+                return Err(refuse("a socket that is not connected".into()));
+            }
+            return match socket_option(&fd, libc::SO_DOMAIN).map_err(os)? {
+                libc::AF_UNIX => Ok(Channel::Unix(UnixStream::from(fd)).tuned()),
+                libc::AF_INET | libc::AF_INET6 => {
+                    let stream = TcpStream::from(fd);
+                    // Page requests are small and urgent.
+                    let _ = stream.set_nodelay(true);
+                    Ok(Channel::Tcp(stream).tuned())
+                }
+                family => Err(refuse(format!("a socket of unsupported family {family}"))),
+            };
+        }
+        if kind.is_dir() {
+            return Err(refuse("a directory".into()));
+        }
+        // SAFETY: F_GETFL only reads the open file's status flags.
+        let flags = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GETFL) };
+        if flags < 0 {
+            return Err(os(io::Error::last_os_error()));
+        }
+        let mode = flags & libc::O_ACCMODE;
+        if outgoing && mode == libc::O_RDONLY {
+            return Err(refuse("not open for writing".into()));
+        }
+        if !outgoing && mode == libc::O_WRONLY {
+            return Err(refuse("not open for reading".into()));
+        }
+        Ok(Channel::File(File::from(fd)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{Read, Write};
+
+    fn reason(fd: OwnedFd, outgoing: bool) -> String {
+        Channel::from_fd(fd, "x", outgoing).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn sockets_carry_a_return_path() {
+        let (a, b) = UnixStream::pair().unwrap();
+        let mut out = Channel::from_fd(a.into(), "x", true).unwrap();
+        let mut input = Channel::from_fd(b.into(), "x", false).unwrap();
+        assert!(matches!(out, Channel::Unix(_)) && out.has_return_path());
+        out.write_all(b"hi").unwrap();
+        let mut buf = [0u8; 2];
+        input.read_exact(&mut buf).unwrap();
+        assert_eq!(&buf, b"hi");
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let tcp = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        assert!(matches!(
+            Channel::from_fd(tcp.into(), "x", true).unwrap(),
+            Channel::Tcp(_)
+        ));
+        assert_eq!(
+            reason(listener.into(), true),
+            "file descriptor 'x': a socket that is not connected"
+        );
+        let udp = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        assert_eq!(
+            reason(udp.into(), true),
+            "file descriptor 'x': not a stream socket"
+        );
+    }
+
+    #[test]
+    fn files_and_pipes_need_the_right_direction() {
+        let (r, w) = std::io::pipe().unwrap();
+        let mut out = Channel::from_fd(w.try_clone().unwrap().into(), "x", true).unwrap();
+        assert!(!out.has_return_path());
+        out.write_all(b"z").unwrap();
+        out.sync().unwrap();
+        assert_eq!(
+            reason(w.into(), false),
+            "file descriptor 'x': not open for reading"
+        );
+        assert_eq!(
+            reason(r.into(), true),
+            "file descriptor 'x': not open for writing"
+        );
+        let dir = File::open(std::env::temp_dir()).unwrap();
+        assert_eq!(
+            reason(dir.into(), false),
+            "file descriptor 'x': a directory"
+        );
+    }
+}
