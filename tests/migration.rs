@@ -9,6 +9,10 @@
 
 mod common;
 
+use std::fs::File;
+use std::io::Read;
+use std::os::fd::AsRawFd;
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -52,6 +56,17 @@ struct Vmm {
 }
 
 fn start_vmm(dir: &TempDir, name: &str, kernel: &Path, extra: &[&str]) -> Vmm {
+    start_vmm_via(&[], dir, name, kernel, extra)
+}
+
+/// [`start_vmm`] through `wrapper`, which must exec skiff (see [`Skiff::spawn_via`]).
+fn start_vmm_via(
+    wrapper: &[&str],
+    dir: &TempDir,
+    name: &str,
+    kernel: &Path,
+    extra: &[&str],
+) -> Vmm {
     let socket = dir.join(&format!("{name}.qmp"));
     let mut args = vec![
         "--kernel".to_string(),
@@ -60,7 +75,7 @@ fn start_vmm(dir: &TempDir, name: &str, kernel: &Path, extra: &[&str]) -> Vmm {
         format!("unix:{}", socket.display()),
     ];
     args.extend(extra.iter().map(|s| s.to_string()));
-    let skiff = Skiff::spawn(args);
+    let skiff = Skiff::spawn_via(wrapper, args);
     let qmp = QmpClient::open_unix(&socket, true, TIMEOUT)
         .unwrap_or_else(|e| panic!("{name} QMP: {e}\n{}", skiff.dump()));
     Vmm { skiff, qmp }
@@ -78,6 +93,14 @@ impl Vmm {
         self.qmp
             .execute(name, args)
             .unwrap_or_else(|e| panic!("{name}: {e}\n{}", self.skiff.dump()))
+    }
+
+    /// Passes `fd` to the monitor and keeps it there as `name` (`getfd`).
+    fn getfd(&mut self, name: &str, fd: &impl AsRawFd) {
+        self.qmp
+            .send_fd(fd.as_raw_fd())
+            .unwrap_or_else(|e| panic!("passing {name}: {e}\n{}", self.skiff.dump()));
+        self.exec("getfd", json!({ "fdname": name }));
     }
 
     /// Runs a command that must fail; returns its error description.
@@ -625,6 +648,138 @@ fn file_save_and_restore() {
     paused.exec("cont", Value::Null);
     assert_eq!(paused.status(), "running");
     check_destination_runs(&mut paused, &dir);
+}
+
+// ---------------------------------------------------------------------------------------
+// Channels passed as descriptors (fd: URIs)
+
+/// Both sides get their channel by descriptor: one end of a socket pair goes to the source
+/// (`getfd`, `migrate fd:`), the other to a `--incoming defer` destination (`getfd`,
+/// `migrate-incoming fd:`). Taking a descriptor uses it up, as in QEMU.
+#[test]
+fn precopy_over_fd_socketpair() {
+    let (_t, dir, kernel) = start_test("precopy_over_fd_socketpair", "mig-fd-pair");
+    let mut src = start_vmm(&dir, "src", &kernel, &vm_args(&[]));
+    let mut dest = start_vmm(&dir, "dest", &kernel, &vm_args(&["--incoming", "defer"]));
+    let (a, b) = UnixStream::pair().expect("socket pair");
+    src.getfd("mig", &a);
+    dest.getfd("mig", &b);
+    drop((a, b));
+    dest.exec("migrate-incoming", json!({"uri": "fd:mig"}));
+    src.wait_guest_passes(&dir, 3);
+    src.exec("migrate", json!({"uri": "fd:mig"}));
+    wait_source_completed(&mut src);
+    check_incoming_completes(&mut dest, &dir);
+    for vmm in [&mut src, &mut dest] {
+        let e = vmm.exec_err("closefd", json!({"fdname": "mig"}));
+        assert_eq!(e, "File descriptor named 'mig' not found");
+    }
+}
+
+/// Stopped guests saved through descriptors: one to a regular file, one to a pipe whose
+/// reader keeps the stream. The file is restored by `getfd` and `migrate-incoming fd:`, the pipe's
+/// stream by a descriptor skiff inherits (`--incoming fd:7`).
+#[test]
+fn fd_save_and_restore() {
+    let (_t, dir, kernel) = start_test("fd_save_and_restore", "mig-fd-file");
+    let mut src = start_vmm(&dir, "src", &kernel, &vm_args(&[]));
+    src.wait_guest_passes(&dir, 3);
+    src.exec("stop", Value::Null);
+    let saved = dir.join("snap.bin");
+    src.getfd("snap", &File::create(&saved).expect("snapshot file"));
+    src.exec("migrate", json!({"uri": "fd:snap"}));
+    src.wait_migration(&["completed"]);
+    let (mut reader, writer) = std::io::pipe().expect("pipe");
+    let copier = thread::spawn(move || {
+        let mut stream = Vec::new();
+        reader.read_to_end(&mut stream).map(|_| stream)
+    });
+    // A second guest: a source that completed gives its guest up.
+    let mut src2 = start_vmm(&dir, "src2", &kernel, &vm_args(&[]));
+    src2.wait_guest_passes(&dir, 3);
+    src2.exec("stop", Value::Null);
+    src2.getfd("pipe", &writer);
+    drop(writer);
+    src2.exec("migrate", json!({"uri": "fd:pipe"}));
+    src2.wait_migration(&["completed"]);
+    let piped = dir.join("piped.bin");
+    let stream = copier.join().expect("copier").expect("read the pipe");
+    std::fs::write(&piped, &stream).expect("write the piped stream");
+    assert!(stream.len() > STREAM_HEADER_LEN, "{} bytes", stream.len());
+
+    let mut dest = start_vmm(&dir, "dest", &kernel, &vm_args(&["--incoming", "defer"]));
+    dest.getfd("snap", &File::open(&saved).expect("snapshot file"));
+    dest.exec("migrate-incoming", json!({"uri": "fd:snap"}));
+    check_incoming_completes(&mut dest, &dir);
+
+    let redirect = format!("exec \"$@\" 7<'{}'", piped.display());
+    let mut inherited = start_vmm_via(
+        &["sh", "-c", &redirect, "sh"],
+        &dir,
+        "inherited",
+        &kernel,
+        &vm_args(&["--incoming", "fd:7"]),
+    );
+    check_incoming_completes(&mut inherited, &dir);
+}
+
+/// What cannot carry a migration is refused at once with the reason, the descriptor used up;
+/// numbers name only inherited descriptors, and only for incoming migrations (as QEMU).
+#[test]
+fn fd_uri_errors() {
+    let (_t, dir, kernel) = start_test("fd_uri_errors", "mig-fd-errors");
+    let mut src = start_vmm(&dir, "src", &kernel, &vm_args(&[]));
+    let mut dest = start_vmm(&dir, "dest", &kernel, &vm_args(&["--incoming", "defer"]));
+    let e = src.exec_err("migrate", json!({"uri": "fd:nope"}));
+    assert_eq!(e, "File descriptor named 'nope' has not been found");
+    let e = src.exec_err("migrate", json!({"uri": "fd:3"}));
+    assert_eq!(e, "File descriptor named '3' has not been found");
+    let kernel_file = File::open(&kernel).expect("kernel");
+    src.getfd("ro", &kernel_file);
+    let e = src.exec_err("migrate", json!({"uri": "fd:ro"}));
+    assert_eq!(e, "file descriptor 'ro': not open for writing");
+    let e = src.exec_err("closefd", json!({"fdname": "ro"}));
+    assert_eq!(e, "File descriptor named 'ro' not found");
+    assert_eq!(src.migration_status(), json!({}));
+    check_source_runs(&mut src, &dir);
+
+    let e = dest.exec_err("migrate-incoming", json!({"uri": "fd:9x"}));
+    assert_eq!(e, "Invalid file descriptor number '9x'");
+    let e = dest.exec_err("migrate-incoming", json!({"uri": "fd:7"}));
+    assert!(e.contains("not a descriptor Skiff inherited"), "{e}");
+    dest.getfd("dir", &File::open(dir.path()).expect("directory"));
+    let e = dest.exec_err("migrate-incoming", json!({"uri": "fd:dir"}));
+    assert_eq!(e, "file descriptor 'dir': a directory");
+    let listener = std::os::unix::net::UnixListener::bind(dir.join("l.sock")).expect("bind");
+    dest.getfd("listening", &listener);
+    let e = dest.exec_err("migrate-incoming", json!({"uri": "fd:listening"}));
+    assert_eq!(
+        e,
+        "file descriptor 'listening': a socket that is not connected"
+    );
+    assert_eq!(dest.status(), "inmigrate");
+    assert_eq!(dest.migration_status(), json!({}));
+
+    for (incoming, expected) in [
+        ("fd:abc", "Invalid file descriptor number 'abc'"),
+        ("fd:9", "not a descriptor Skiff inherited"),
+    ] {
+        let finished = run(
+            [
+                "--kernel",
+                &kernel.display().to_string(),
+                "--serial",
+                "none",
+                "--incoming",
+                incoming,
+            ],
+            b"",
+            Duration::from_secs(20),
+        );
+        finished.assert_exit(1);
+        finished.assert_clean_error();
+        assert!(finished.stderr.contains(expected), "{}", finished.dump());
+    }
 }
 
 // ---------------------------------------------------------------------------------------

@@ -6,6 +6,7 @@
 //!
 //! - [`bench`]: QEMU's version and medians for the benchmarks.
 //! - [`elf`]: packs machine code into a minimal ELF64 executable the VMM can boot.
+//! - [`fd_passing`]: sends bytes with descriptors attached (SCM_RIGHTS).
 //! - [`guest`]: a 64-bit [`iced_x86::code_asm::CodeAssembler`] wrapper with helpers for the
 //!   devices of the Skiff machine (serial, exit port, CMOS, i8042), and the AP trampoline.
 //! - [`process`]: runs the `skiff` binary with hard timeouts and captures its output.
@@ -16,6 +17,7 @@
 
 pub mod bench;
 pub mod elf;
+pub mod fd_passing;
 pub mod guest;
 pub mod kvm;
 pub mod migration_guest;

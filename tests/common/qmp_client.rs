@@ -313,6 +313,18 @@ impl QmpClient {
         })
     }
 
+    /// Passes `fd` to the server (SCM_RIGHTS) on a lone space byte, as `qemu.qmp`'s
+    /// `send_fd_scm` does; a `getfd` sent next takes it. Unix connections only.
+    pub fn send_fd(&mut self, fd: std::os::fd::RawFd) -> ClientResult<()> {
+        self.note("->", b" (with a descriptor)");
+        super::fd_passing::send_with_fds(self.unix_stream(), b" ", &[fd])
+            .map(drop)
+            .map_err(|error| ClientError::Io {
+                error,
+                transcript: self.transcript(),
+            })
+    }
+
     /// Sends `message` as compact JSON followed by `\n`.
     pub fn send(&mut self, message: &Value) -> ClientResult<()> {
         let mut bytes = serde_json::to_vec(message).expect("serializable JSON");
