@@ -689,7 +689,7 @@ fn fd_save_and_restore() {
     src.getfd("snap", &File::create(&saved).expect("snapshot file"));
     src.exec("migrate", json!({"uri": "fd:snap"}));
     src.wait_migration(&["completed"]);
-    let (mut reader, writer) = std::io::pipe().expect("pipe");
+    let (mut reader, writer) = common::fd_passing::pipe();
     let copier = thread::spawn(move || {
         let mut stream = Vec::new();
         reader.read_to_end(&mut stream).map(|_| stream)

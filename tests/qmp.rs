@@ -1959,35 +1959,23 @@ fn rust_qapi_crate_client() {
     done.assert_exit(0);
 }
 
-/// A pipe: its read end (to pass) and its write end (kept: writing fails with EPIPE once
-/// every copy of the read end is closed).
-fn pipe() -> (std::os::fd::OwnedFd, std::fs::File) {
-    let (r, w) = std::io::pipe().expect("pipe");
-    (r.into(), std::fs::File::from(std::os::fd::OwnedFd::from(w)))
-}
-
-/// Whether every copy of the read end of `w`'s pipe was closed.
-fn reader_closed(mut w: &std::fs::File) -> bool {
-    use std::io::Write;
-    matches!(w.write(b"x"), Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe)
-}
-
 /// `getfd` and `closefd` with descriptors passed by SCM_RIGHTS, with the command itself (as
 /// libvirt sends them) or on a lone space before it (as qemu.qmp does): QEMU 7.2's replies
 /// and errors, named descriptors per monitor and kept across reconnections, and nothing left
 /// open that no command took.
 #[test]
 fn getfd_and_closefd_over_scm_rights() {
+    use common::fd_passing::{peer_closed, probe_pair};
     use std::os::fd::AsRawFd;
     let dir = TempDir::new("qmp-getfd");
     let kernel = idle_guest(dir.path());
     let vm = Vm::start(dir, &kernel, 2, &["--serial", "none"]);
     let mut c = vm.open(0, false);
-    let send = |c: &mut QmpClient, text: &str, fd: &std::os::fd::OwnedFd| {
+    let send = |c: &mut QmpClient, text: &str, fd: &std::os::unix::net::UnixStream| {
         common::fd_passing::send_with_fds(c.unix_stream(), text.as_bytes(), &[fd.as_raw_fd()])
             .expect("sendmsg");
     };
-    let (r, w) = pipe();
+    let (r, w) = probe_pair();
     send(
         &mut c,
         r#"{"execute":"getfd","arguments":{"fdname":"a"},"id":1}"#,
@@ -1995,7 +1983,7 @@ fn getfd_and_closefd_over_scm_rights() {
     );
     drop(r);
     expect_return(&vm, &mut c, &json!(1), &json!({}));
-    assert!(!reader_closed(&w), "the monitor keeps it");
+    assert!(!peer_closed(&w), "the monitor keeps it");
     // Another monitor has its own names.
     let mut other = vm.open(1, false);
     let e = vm.ok(other.execute_err("closefd", json!({"fdname": "a"})));
@@ -2004,11 +1992,11 @@ fn getfd_and_closefd_over_scm_rights() {
     drop(c);
     let mut c = vm.open(0, false);
     vm.ok(c.execute("closefd", json!({"fdname": "a"})));
-    assert!(reader_closed(&w));
+    assert!(peer_closed(&w));
 
     let e = vm.ok(c.execute_err("getfd", json!({"fdname": "b"})));
     assert_eq!(e.1, "No file descriptor supplied via SCM_RIGHTS");
-    let (r, w) = pipe();
+    let (r, w) = probe_pair();
     send(
         &mut c,
         r#"{"execute":"getfd","arguments":{"fdname":"1b"},"id":2}"#,
@@ -2022,22 +2010,22 @@ fn getfd_and_closefd_over_scm_rights() {
         "GenericError",
         "Parameter 'fdname' expects a name not starting with a digit",
     );
-    assert!(reader_closed(&w), "the refused descriptor is closed");
-    let (r, w) = pipe();
+    assert!(peer_closed(&w), "the refused descriptor is closed");
+    let (r, w) = probe_pair();
     send(&mut c, r#"{"execute":"query-name","id":3}"#, &r);
     drop(r);
     expect_return(&vm, &mut c, &json!(3), &json!({}));
-    assert!(reader_closed(&w), "a descriptor no command takes is closed");
+    assert!(peer_closed(&w), "a descriptor no command takes is closed");
 
     // qemu.qmp's way, and a name used again replaces (and closes) the old descriptor.
-    let (r1, w1) = pipe();
-    let (r2, w2) = pipe();
+    let (r1, w1) = probe_pair();
+    let (r2, w2) = probe_pair();
     for r in [&r1, &r2] {
         vm.ok(c.send_fd(r.as_raw_fd()));
         vm.ok(c.execute("getfd", json!({"fdname": "c"})));
     }
     drop((r1, r2));
-    assert!(reader_closed(&w1) && !reader_closed(&w2));
+    assert!(peer_closed(&w1) && !peer_closed(&w2));
     vm.ok(c.execute("closefd", json!({"fdname": "c"})));
-    assert!(reader_closed(&w2));
+    assert!(peer_closed(&w2));
 }

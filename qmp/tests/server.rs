@@ -540,22 +540,10 @@ fn tcp_monitor() {
     server.shutdown();
 }
 
-/// A pipe: its read end (to pass) and its write end (kept, to tell when every copy of the
-/// read end is closed: writing then fails with EPIPE).
-fn pipe() -> (std::os::fd::OwnedFd, std::fs::File) {
-    let (r, w) = std::io::pipe().unwrap();
-    (r.into(), std::fs::File::from(std::os::fd::OwnedFd::from(w)))
-}
-
-/// Whether every copy of the read end of `w`'s pipe was closed.
-fn reader_closed(mut w: &std::fs::File) -> bool {
-    use std::io::Write;
-    matches!(w.write(b"x"), Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe)
-}
+use common::fd_passing::{peer_closed, probe_pair};
 
 /// Sends `text` with `fd` attached and returns the reply line.
-fn send_fd(c: &mut Client, text: &str, fd: &std::os::fd::OwnedFd) -> String {
-    use std::os::fd::AsRawFd;
+fn send_fd(c: &mut Client, text: &str, fd: &impl std::os::fd::AsRawFd) -> String {
     common::fd_passing::send_with_fds(&c.stream, text.as_bytes(), &[fd.as_raw_fd()]).unwrap();
     c.line()
 }
@@ -564,14 +552,14 @@ fn send_fd(c: &mut Client, text: &str, fd: &std::os::fd::OwnedFd) -> String {
 fn getfd_takes_the_descriptor_sent_with_it_and_closefd_closes_it() {
     let h = Harness::start(1);
     let mut c = h.negotiated(0, false);
-    let (r, w) = pipe();
+    let (r, w) = probe_pair();
     let getfd = r#"{"execute":"getfd","arguments":{"fdname":"a"}}"#;
     assert_eq!(send_fd(&mut c, getfd, &r), r#"{"return": {}}"#);
     drop(r);
-    assert!(!reader_closed(&w), "the monitor keeps the descriptor");
+    assert!(!peer_closed(&w), "the monitor keeps the descriptor");
     c.send(r#"{"execute":"closefd","arguments":{"fdname":"a"}}"#);
     assert_eq!(c.line(), r#"{"return": {}}"#);
-    assert!(reader_closed(&w));
+    assert!(peer_closed(&w));
     c.send(getfd);
     assert_eq!(
         c.line(),
@@ -584,20 +572,20 @@ fn a_descriptor_sent_with_a_lone_space_goes_to_the_next_command() {
     // qemu.qmp's send_fd_scm: one space byte carries the descriptor, the command follows.
     let h = Harness::start(1);
     let mut c = h.negotiated(0, false);
-    let (r, w) = pipe();
+    let (r, w) = probe_pair();
     common::fd_passing::send_with_fds(&c.stream, b" ", &[std::os::fd::AsRawFd::as_raw_fd(&r)])
         .unwrap();
     drop(r);
     c.expect_silence(100);
     c.send(r#"{"execute":"getfd","arguments":{"fdname":"sp"}}"#);
     assert_eq!(c.line(), r#"{"return": {}}"#);
-    assert!(!reader_closed(&w));
+    assert!(!peer_closed(&w));
     // Named descriptors belong to the monitor: they survive a reconnection, as in QEMU.
     drop(c);
     let mut c = h.negotiated(0, false);
     c.send(r#"{"execute":"closefd","arguments":{"fdname":"sp"}}"#);
     assert_eq!(c.line(), r#"{"return": {}}"#);
-    assert!(reader_closed(&w));
+    assert!(peer_closed(&w));
 }
 
 #[test]
@@ -605,7 +593,7 @@ fn descriptors_no_command_takes_are_closed() {
     let h = Harness::start(1);
     let mut c = h.negotiated(0, true);
     // With a command that does not take descriptors, queued behind others in one read.
-    let (r, w) = pipe();
+    let (r, w) = probe_pair();
     let reply = send_fd(
         &mut c,
         r#"{"execute":"echo","arguments":{"n":1}}{"execute":"query-name"}"#,
@@ -614,7 +602,7 @@ fn descriptors_no_command_takes_are_closed() {
     drop(r);
     assert_eq!(reply, r#"{"return": {"n": 1}}"#);
     assert_eq!(c.line(), r#"{"return": {}}"#);
-    assert!(reader_closed(&w), "query-name's descriptor was closed");
+    assert!(peer_closed(&w), "query-name's descriptor was closed");
     c.send(r#"{"execute":"getfd","arguments":{"fdname":"late"}}"#);
     assert!(c
         .line()
@@ -625,14 +613,14 @@ fn descriptors_no_command_takes_are_closed() {
         r#"{"exec-oob":"migrate-pause"}"#,
         r#"{"execute":"getfd","arguments":{"fdname":"9x"}}"#,
     ] {
-        let (r, w) = pipe();
+        let (r, w) = probe_pair();
         let reply = send_fd(&mut c, text, &r);
         drop(r);
         assert!(reply.contains("\"error\""), "{text}: {reply}");
-        assert!(reader_closed(&w), "{text}");
+        assert!(peer_closed(&w), "{text}");
     }
     // And when the client leaves before its command runs.
-    let (r, w) = pipe();
+    let (r, w) = probe_pair();
     c.send(r#"{"execute":"block"}"#);
     h.wait_block_started();
     common::fd_passing::send_with_fds(
@@ -649,5 +637,5 @@ fn descriptors_no_command_takes_are_closed() {
     let mut c = h.negotiated(0, false);
     c.send(r#"{"execute":"closefd","arguments":{"fdname":"gone"}}"#);
     c.line();
-    assert!(reader_closed(&w), "descriptor leaked");
+    assert!(peer_closed(&w), "descriptor leaked");
 }

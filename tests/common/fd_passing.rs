@@ -44,3 +44,31 @@ pub fn send_with_fds(stream: &UnixStream, data: &[u8], fds: &[RawFd]) -> io::Res
     }
     Ok(n.unsigned_abs())
 }
+
+/// A pipe, (read end, write end), close-on-exec.
+pub fn pipe() -> (std::fs::File, std::fs::File) {
+    let mut fds = [0; 2];
+    // SAFETY: `fds` is a live array of the two ints pipe2 writes.
+    let ret = unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) };
+    assert_eq!(ret, 0, "pipe2: {}", io::Error::last_os_error());
+    // SAFETY: pipe2 just opened both descriptors, owned by nothing else.
+    unsafe {
+        use std::os::fd::FromRawFd;
+        (
+            std::fs::File::from_raw_fd(fds[0]),
+            std::fs::File::from_raw_fd(fds[1]),
+        )
+    }
+}
+
+/// A connected socket pair: the end to pass, and the end kept to tell when every copy of
+/// the passed one is closed (see [`peer_closed`]).
+pub fn probe_pair() -> (UnixStream, UnixStream) {
+    UnixStream::pair().expect("socket pair")
+}
+
+/// Whether every copy of `kept`'s peer is closed (writing then fails with EPIPE).
+pub fn peer_closed(kept: &UnixStream) -> bool {
+    use std::io::Write;
+    matches!((&*kept).write(b"x"), Err(e) if e.kind() == io::ErrorKind::BrokenPipe)
+}

@@ -48,7 +48,7 @@ struct Cli {
     #[arg(long, value_name = "NAME")]
     name: Option<String>,
     /// Receive the VM from a migration instead of booting: unix:PATH, tcp:HOST:PORT or
-    /// file:PATH, or `defer` to wait for QMP migrate-incoming.
+    /// file:PATH, fd:N (an inherited descriptor), or `defer` to wait for QMP migrate-incoming.
     #[arg(long, value_name = "URI")]
     incoming: Option<config::Incoming>,
     /// A virtio-blk disk: path=FILE[,readonly=on][,id=NAME] (a raw image). Repeatable.

@@ -79,24 +79,21 @@ impl CommandFds {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::fs::File;
     use std::io::{ErrorKind, Read, Write};
+    use std::os::unix::net::UnixStream;
 
-    // Whether a descriptor was closed is told by its pipe's other end (descriptor numbers
-    // are reused at once by the tests running alongside).
+    // Whether a descriptor was closed is told by its socket's peer (descriptor numbers are
+    // reused at once by the tests running alongside).
 
-    /// A pipe: (read end, write end).
-    fn pipe() -> (OwnedFd, File) {
-        let (r, w) = std::io::pipe().unwrap();
-        (r.into(), File::from(OwnedFd::from(w)))
+    /// A socket pair: the end to pass, and the end kept.
+    fn pipe() -> (OwnedFd, UnixStream) {
+        let (passed, kept) = UnixStream::pair().unwrap();
+        (passed.into(), kept)
     }
 
-    /// Whether every copy of the read end of `w`'s pipe is closed.
-    fn reader_gone(mut w: &File) -> bool {
-        match w.write(b"x") {
-            Ok(_) => false,
-            Err(e) => e.kind() == ErrorKind::BrokenPipe,
-        }
+    /// Whether every copy of `kept`'s peer is closed.
+    fn reader_gone(mut kept: &UnixStream) -> bool {
+        matches!(kept.write_all(b"x"), Err(e) if e.kind() == ErrorKind::BrokenPipe)
     }
 
     fn table() -> Arc<Mutex<FdTable>> {
@@ -153,7 +150,7 @@ mod tests {
         let (r, mut w) = pipe();
         CommandFds::new(vec![r], table.clone()).getfd("").unwrap();
         let cmd = CommandFds::new(Vec::new(), table);
-        let mut taken = File::from(cmd.take("").unwrap());
+        let mut taken = UnixStream::from(cmd.take("").unwrap());
         w.write_all(b"y").unwrap();
         let mut byte = [0u8];
         taken.read_exact(&mut byte).unwrap();

@@ -34,6 +34,9 @@ use crate::message::{self, VersionInfo};
 use monitor::{Monitor, Queued};
 use socket::Listener;
 
+/// Runs one in-band command: its name, its arguments, and the descriptors it may use.
+pub type Executor<'a> = dyn FnMut(&str, Map<String, Value>, CommandFds) -> CommandResult + 'a;
+
 /// How to start a [`QmpServer`].
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
@@ -239,10 +242,7 @@ impl QmpServer {
     }
 
     /// Runs at most ONE queued in-band request (round-robin across monitors, one each, like QEMU's dispatcher): calls `exec` for commands, with the descriptors that came with the command and its monitor's named ones; requests that already failed parsing/validation are answered in their place in the queue without calling `exec`. Sends the response to the right client (dropped if that client disconnected meanwhile). Returns false when nothing was queued. Called by the VMM with its big lock held.
-    pub fn run_next(
-        &self,
-        exec: &mut dyn FnMut(&str, Map<String, Value>, CommandFds) -> CommandResult,
-    ) -> bool {
+    pub fn run_next(&self, exec: &mut Executor<'_>) -> bool {
         let shared = &*self.shared;
         // One request at a time; a nested call (from inside `exec`) finds nothing.
         let _dispatching = match shared.dispatching.try_lock() {

@@ -132,24 +132,39 @@ mod tests {
     }
 
     #[test]
-    fn files_and_pipes_need_the_right_direction() {
-        let (r, w) = std::io::pipe().unwrap();
-        let mut out = Channel::from_fd(w.try_clone().unwrap().into(), "x", true).unwrap();
+    fn files_and_devices_need_the_right_direction() {
+        let dir = std::env::temp_dir().join(format!("skiff-fd-channel-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("f");
+        let mut out = Channel::from_fd(File::create(&path).unwrap().into(), "x", true).unwrap();
         assert!(!out.has_return_path());
         out.write_all(b"z").unwrap();
         out.sync().unwrap();
+        let mut input = Channel::from_fd(File::open(&path).unwrap().into(), "x", false).unwrap();
+        let mut byte = [0u8];
+        input.read_exact(&mut byte).unwrap();
+        assert_eq!(&byte, b"z");
         assert_eq!(
-            reason(w.into(), false),
+            reason(File::create(&path).unwrap().into(), false),
             "file descriptor 'x': not open for reading"
         );
         assert_eq!(
-            reason(r.into(), true),
+            reason(File::open(&path).unwrap().into(), true),
             "file descriptor 'x': not open for writing"
         );
-        let dir = File::open(std::env::temp_dir()).unwrap();
         assert_eq!(
-            reason(dir.into(), false),
+            reason(File::open(&dir).unwrap().into(), false),
             "file descriptor 'x': a directory"
         );
+        // A device (as a pipe) has nothing to sync: that is no error.
+        let null = std::fs::OpenOptions::new()
+            .write(true)
+            .open("/dev/null")
+            .unwrap();
+        Channel::from_fd(null.into(), "x", true)
+            .unwrap()
+            .sync()
+            .unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }
