@@ -356,6 +356,16 @@ fn start_test(name: &'static str, tag: &str) -> (TestTimer, TempDir, PathBuf) {
     (timer, dir, kernel)
 }
 
+/// Starts test `name` (see [`start_test`]) with a source running the guest and a destination
+/// waiting with `--incoming defer`.
+fn start_deferred_pair(name: &'static str, tag: &str) -> (TestTimer, TempDir, Vmm, Vmm) {
+    let (timer, dir, kernel) = start_test(name, tag);
+    let src = start_vmm(&dir, "src", &kernel, &vm_args(&[]));
+    let mut dest = start_vmm(&dir, "dest", &kernel, &vm_args(&["--incoming", "defer"]));
+    assert_eq!(dest.status(), "inmigrate");
+    (timer, dir, src, dest)
+}
+
 /// A source running the guest (at least 3 passes done) and a destination listening on a unix
 /// socket, with the events capability (and postcopy-ram when `postcopy`) on both sides;
 /// returns them and the migration URI.
@@ -527,11 +537,8 @@ fn precopy_over_unix_socket() {
 /// `socket-address`; MIGRATION and MIGRATION_PASS events; query-migrate's numbers.
 #[test]
 fn precopy_over_tcp_with_deferred_incoming() {
-    let (_t, dir, kernel) =
-        start_test("precopy_over_tcp_with_deferred_incoming", "mig-precopy-tcp");
-    let mut src = start_vmm(&dir, "src", &kernel, &vm_args(&[]));
-    let mut dest = start_vmm(&dir, "dest", &kernel, &vm_args(&["--incoming", "defer"]));
-    assert_eq!(dest.status(), "inmigrate");
+    let (_t, dir, mut src, mut dest) =
+        start_deferred_pair("precopy_over_tcp_with_deferred_incoming", "mig-precopy-tcp");
     assert_eq!(dest.migration_status(), json!({}));
     src.set_capabilities(false);
     dest.set_capabilities(false);
@@ -658,9 +665,8 @@ fn file_save_and_restore() {
 /// `migrate-incoming fd:`). Taking a descriptor uses it up, as in QEMU.
 #[test]
 fn precopy_over_fd_socketpair() {
-    let (_t, dir, kernel) = start_test("precopy_over_fd_socketpair", "mig-fd-pair");
-    let mut src = start_vmm(&dir, "src", &kernel, &vm_args(&[]));
-    let mut dest = start_vmm(&dir, "dest", &kernel, &vm_args(&["--incoming", "defer"]));
+    let (_t, dir, mut src, mut dest) =
+        start_deferred_pair("precopy_over_fd_socketpair", "mig-fd-pair");
     let (a, b) = UnixStream::pair().expect("socket pair");
     src.getfd("mig", &a);
     dest.getfd("mig", &b);
@@ -727,9 +733,8 @@ fn fd_save_and_restore() {
 /// numbers name only inherited descriptors, and only for incoming migrations (as QEMU).
 #[test]
 fn fd_uri_errors() {
-    let (_t, dir, kernel) = start_test("fd_uri_errors", "mig-fd-errors");
-    let mut src = start_vmm(&dir, "src", &kernel, &vm_args(&[]));
-    let mut dest = start_vmm(&dir, "dest", &kernel, &vm_args(&["--incoming", "defer"]));
+    let (_t, dir, mut src, mut dest) = start_deferred_pair("fd_uri_errors", "mig-fd-errors");
+    let kernel = dir.join("guest.elf");
     let e = src.exec_err("migrate", json!({"uri": "fd:nope"}));
     assert_eq!(e, "File descriptor named 'nope' has not been found");
     let e = src.exec_err("migrate", json!({"uri": "fd:3"}));
@@ -764,20 +769,7 @@ fn fd_uri_errors() {
         ("fd:abc", "Invalid file descriptor number 'abc'"),
         ("fd:9", "not a descriptor Skiff inherited"),
     ] {
-        let finished = run(
-            [
-                "--kernel",
-                &kernel.display().to_string(),
-                "--serial",
-                "none",
-                "--incoming",
-                incoming,
-            ],
-            b"",
-            Duration::from_secs(20),
-        );
-        finished.assert_exit(1);
-        finished.assert_clean_error();
+        let finished = refused_incoming(&kernel, incoming, 1);
         assert!(finished.stderr.contains(expected), "{}", finished.dump());
     }
 }
@@ -1152,6 +1144,26 @@ fn killed_source_pauses_postcopy_destination() {
 // ---------------------------------------------------------------------------------------
 // Bad addresses
 
+/// Runs skiff with `--incoming incoming`, which must end it at start-up with exit status
+/// `status` and a one-line error.
+fn refused_incoming(kernel: &Path, incoming: &str, status: i32) -> common::process::Finished {
+    let finished = run(
+        [
+            "--kernel",
+            &kernel.display().to_string(),
+            "--serial",
+            "none",
+            "--incoming",
+            incoming,
+        ],
+        b"",
+        Duration::from_secs(20),
+    );
+    finished.assert_exit(status);
+    finished.assert_clean_error();
+    finished
+}
+
 /// Bad `migrate` URIs give clear errors, a missing destination fails the migration (the
 /// guest runs on), recovery commands are refused outside postcopy, and a bad `--incoming`
 /// is a one-line CLI error with status 2.
@@ -1187,20 +1199,7 @@ fn bad_migration_uris() {
     assert!(e.contains("paused"), "{e}");
 
     for bad in ["bogus:x", "tcp:nohost", "file:"] {
-        let finished = run(
-            [
-                "--kernel",
-                &kernel.display().to_string(),
-                "--serial",
-                "none",
-                "--incoming",
-                bad,
-            ],
-            b"",
-            Duration::from_secs(20),
-        );
-        finished.assert_exit(2);
-        finished.assert_clean_error();
+        let finished = refused_incoming(&kernel, bad, 2);
         assert!(
             finished.stderr.contains("--incoming"),
             "{}",

@@ -10,8 +10,8 @@ use std::os::unix::net::UnixStream;
 
 use super::uri::{Channel, UriError};
 
-/// An integer socket option of `fd`.
-fn socket_option(fd: &OwnedFd, option: libc::c_int) -> io::Result<libc::c_int> {
+/// An integer socket option (level SOL_SOCKET) of `fd`.
+pub(crate) fn socket_option(fd: &impl AsRawFd, option: libc::c_int) -> io::Result<libc::c_int> {
     let mut value: libc::c_int = 0;
     let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
     // SAFETY: `fd` is open; `value` and `len` are live and sized as passed.

@@ -608,20 +608,7 @@ mod tests {
     }
 
     fn send_buffer(channel: &Channel) -> libc::c_int {
-        let mut value: libc::c_int = 0;
-        let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
-        // SAFETY: a live socket; value and len are live and sized as passed.
-        let ret = unsafe {
-            libc::getsockopt(
-                channel.as_raw_fd(),
-                libc::SOL_SOCKET,
-                libc::SO_SNDBUF,
-                (&mut value as *mut libc::c_int).cast(),
-                &mut len,
-            )
-        };
-        assert_eq!(ret, 0);
-        value
+        super::super::fd_channel::socket_option(channel, libc::SO_SNDBUF).unwrap()
     }
 
     #[test]
