@@ -132,13 +132,6 @@ impl ReturnPath {
         *self.lock() = channel.map(BufWriter::new);
     }
 
-    /// Tunes the connection for postcopy (see [`Channel::tune_for_postcopy`]).
-    fn tune_for_postcopy(&self) {
-        if let Some(out) = self.lock().as_ref() {
-            out.get_ref().tune_for_postcopy();
-        }
-    }
-
     /// Sends one section; false (and the path is dropped) if it cannot.
     fn send(&self, kind: Kind, payload: &[u8]) -> bool {
         let mut writer = self.lock();
@@ -442,9 +435,6 @@ impl Dest {
 
     fn attach(&mut self, channel: Channel) -> Result<BufReader<Channel>, DestError> {
         self.state.set_channel(Some(channel.try_clone()?));
-        if self.stage == Stage::Postcopy {
-            channel.tune_for_postcopy();
-        }
         if channel.has_return_path() {
             self.rp.set(Some(channel.try_clone()?));
         }
@@ -801,7 +791,6 @@ impl Dest {
         self.postcopy = Some(Postcopy::start(&self.ram, &self.received, &self.rp)?);
         vm.restore_machine_state(&mut machine, &state)?;
         self.stage = Stage::Postcopy;
-        self.rp.tune_for_postcopy();
         self.state.set_status(MigrationStatus::PostcopyActive);
         self.start_guest_locked(&mut machine);
         drop(machine);

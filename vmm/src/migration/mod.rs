@@ -229,6 +229,12 @@ impl MigrationState {
 
     /// Moves to `status` and emits MIGRATION (with the events capability).
     pub fn set_status(&self, status: MigrationStatus) {
+        if status == MigrationStatus::PostcopyActive {
+            // On both sides, and again after a recovery: see `Channel::tune_for_postcopy`.
+            if let Some(channel) = &self.inner().channel {
+                channel.tune_for_postcopy();
+            }
+        }
         let old = self.status.swap(encode(status), Ordering::AcqRel);
         if old != encode(status) {
             log::info!("migration: {}", status.as_str());
@@ -682,6 +688,24 @@ mod tests {
         assert!(state.cancel().is_err());
         state.finish(MigrationStatus::Completed, None);
         assert!(state.begin(Role::Source, 4096).is_ok());
+    }
+
+    #[test]
+    fn entering_postcopy_shrinks_the_channels_buffers_on_either_side() {
+        let send_buffer =
+            |s: &std::os::unix::net::UnixStream| fd_channel::socket_option(s, libc::SO_SNDBUF);
+        let (stream, _peer) = std::os::unix::net::UnixStream::pair().unwrap();
+        // As connected or accepted: tuned for precopy's bulk transfer.
+        let channel = Channel::Unix(stream.try_clone().unwrap()).tuned();
+        let before = send_buffer(&stream).unwrap();
+        let state = MigrationState::new();
+        state.begin(Role::Destination, 4096).unwrap();
+        state.set_channel(Some(channel));
+        state.set_status(MigrationStatus::PostcopyPaused);
+        assert_eq!(send_buffer(&stream).unwrap(), before);
+        state.set_status(MigrationStatus::PostcopyActive);
+        let shrunk = send_buffer(&stream).unwrap();
+        assert!(shrunk < before, "{shrunk} bytes, {before} before");
     }
 
     fn events_on() -> [MigrationCapabilityStatus; 1] {
