@@ -475,7 +475,10 @@ pub fn rust(schema: &Schema) -> String {
          pub trait InBandCommands {\n\
          \x20   /// The out-of-band handlers.  An `allow-oob` command sent in-band (with\n\
          \x20   /// `execute`) runs through them too.\n\
-         \x20   fn oob(&self) -> &dyn OobCommands;\n\n",
+         \x20   fn oob(&self) -> &dyn OobCommands;\n\n\
+         \x20   /// The named descriptors of the monitor the command came from, for an\n\
+         \x20   /// `allow-oob` command sent in-band.\n\
+         \x20   fn monitor_fds(&self) -> &qmp::MonitorFds;\n\n",
     );
     for c in cmds
         .iter()
@@ -494,13 +497,18 @@ pub fn rust(schema: &Schema) -> String {
          /// by construction holds no VM: a handler never takes the big VMM lock, never\n\
          /// touches guest RAM, never makes a blocking system call, and takes only locks\n\
          /// whose critical sections obey the same rules.  Hence `&self` only, and\n\
-         /// `Send + Sync`.\n\
+         /// `Send + Sync`.  `fds` are the named descriptors (`getfd`) of the monitor the\n\
+         /// command came from: a small table behind a short lock, which these may use.\n\
          #[allow(clippy::too_many_arguments)]\n\
          pub trait OobCommands: Send + Sync + 'static {\n",
     );
     for c in cmds.iter().filter(|c| c.allow_oob) {
         method_doc(&mut out, c);
-        let _ = writeln!(out, "    {};\n", method_sig(c, "&self"));
+        let _ = writeln!(
+            out,
+            "    {};\n",
+            method_sig(c, "&self, fds: &qmp::MonitorFds")
+        );
     }
     out.push_str("}\n\n");
 
@@ -528,7 +536,8 @@ pub fn rust(schema: &Schema) -> String {
     }
 
     // Dispatch.
-    let call = |c: &Cmd<'_>, recv: &str| -> String {
+    // `fds`: the expression of the monitor's descriptors, passed first to out-of-band handlers.
+    let call = |c: &Cmd<'_>, recv: &str, fds: Option<&str>| -> String {
         let names: Vec<String> = c.args.iter().map(|m| field_ident(&m.name)).collect();
         let fname = field_ident(&c.def.name);
         let fname = fname.trim_start_matches("r#");
@@ -542,10 +551,14 @@ pub fn rust(schema: &Schema) -> String {
         } else {
             ("", "Ok(crate::visit::empty_object())")
         };
+        let params: Vec<&str> = fds
+            .into_iter()
+            .chain(names.iter().map(String::as_str))
+            .collect();
         format!(
             "{{\n            {bind}\n            {bind_ret}{recv}.{}({})?;\n            {ret}\n        }}",
             field_ident(&c.def.name),
-            names.join(", ")
+            params.join(", ")
         )
     };
 
@@ -566,8 +579,8 @@ pub fn rust(schema: &Schema) -> String {
             "query-commands" => "{\n            args_query_commands(&arguments)?;\n            Ok(crate::visit::command_list(COMMAND_NAMES))\n        }".to_string(),
             "query-qmp-schema" => "{\n            args_query_qmp_schema(&arguments)?;\n            Ok(qmp_schema())\n        }".to_string(),
             "qmp_capabilities" => "{\n            args_qmp_capabilities(&arguments)?;\n            Err(qmp::QmpError::new(\n                qmp::ErrorClass::CommandNotFound,\n                \"Capabilities negotiation is already complete, command ignored\",\n            ))\n        }".to_string(),
-            _ if c.allow_oob => call(c, "handler.oob()"),
-            _ => call(c, "handler"),
+            _ if c.allow_oob => call(c, "handler.oob()", Some("handler.monitor_fds()")),
+            _ => call(c, "handler", None),
         };
         let _ = writeln!(out, "        {} => {body}", rust_str(&c.def.name));
     }
@@ -575,11 +588,13 @@ pub fn rust(schema: &Schema) -> String {
 
     out.push_str(
         "/// Runs an `allow-oob` command for `exec-oob`: checks `arguments`, calls the\n\
-         /// out-of-band handler and converts its answer.  Any other command fails.\n\
+         /// out-of-band handler, with the issuing monitor's descriptors `fds`, and converts\n\
+         /// its answer.  Any other command fails.\n\
          pub fn dispatch_oob<H: OobCommands + ?Sized>(\n\
          \x20   handler: &H,\n\
          \x20   name: &str,\n\
          \x20   arguments: serde_json::Map<String, serde_json::Value>,\n\
+         \x20   fds: &qmp::MonitorFds,\n\
          ) -> Result<serde_json::Value, qmp::QmpError> {\n\
          \x20   match name {\n",
     );
@@ -588,7 +603,7 @@ pub fn rust(schema: &Schema) -> String {
             out,
             "        {} => {}",
             rust_str(&c.def.name),
-            call(c, "handler")
+            call(c, "handler", Some("fds"))
         );
     }
     out.push_str(

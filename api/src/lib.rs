@@ -53,8 +53,9 @@ impl<H: OobCommands> CommandSet for Commands<H> {
         &self,
         name: &str,
         arguments: serde_json::Map<String, serde_json::Value>,
+        fds: &qmp::MonitorFds,
     ) -> Result<serde_json::Value, qmp::QmpError> {
-        dispatch_oob(&self.0, name, arguments)
+        dispatch_oob(&self.0, name, arguments, fds)
     }
 }
 

@@ -13,12 +13,12 @@ struct Oob {
 }
 
 impl OobCommands for Oob {
-    fn migrate_recover(&self, uri: String) -> Result<(), QmpError> {
+    fn migrate_recover(&self, _fds: &qmp::MonitorFds, uri: String) -> Result<(), QmpError> {
         self.calls.lock().unwrap().push(format!("recover {uri}"));
         Ok(())
     }
 
-    fn migrate_pause(&self) -> Result<(), QmpError> {
+    fn migrate_pause(&self, _fds: &qmp::MonitorFds) -> Result<(), QmpError> {
         Err(QmpError::generic(
             "migrate-pause is currently only supported during postcopy-active or postcopy-recover state",
         ))
@@ -28,6 +28,7 @@ impl OobCommands for Oob {
 #[derive(Default)]
 struct Vm {
     oob: Oob,
+    fds: qmp::MonitorFds,
     calls: Vec<String>,
     running: bool,
 }
@@ -35,6 +36,9 @@ struct Vm {
 impl InBandCommands for Vm {
     fn oob(&self) -> &dyn OobCommands {
         &self.oob
+    }
+    fn monitor_fds(&self) -> &qmp::MonitorFds {
+        &self.fds
     }
     fn query_status(&mut self) -> Result<StatusInfo, QmpError> {
         Ok(StatusInfo {
@@ -310,18 +314,19 @@ fn oob_commands_run_in_band_and_out_of_band() {
     let e = dispatch_inband(&mut vm, "migrate-pause", Map::new()).unwrap_err();
     assert!(e.desc.starts_with("migrate-pause is currently"));
     let oob = Oob::default();
-    dispatch_oob(&oob, "migrate-recover", args(json!({"uri": "x"}))).unwrap();
+    let fds = qmp::MonitorFds::default();
+    dispatch_oob(&oob, "migrate-recover", args(json!({"uri": "x"})), &fds).unwrap();
     assert_eq!(
         *vm.oob.calls.lock().unwrap(),
         vec!["recover tcp:0:4444".to_string()]
     );
     assert_eq!(
-        dispatch_oob(&oob, "migrate-recover", Map::new())
+        dispatch_oob(&oob, "migrate-recover", Map::new(), &fds)
             .unwrap_err()
             .desc,
         "Parameter 'uri' is missing"
     );
-    let e = dispatch_oob(&oob, "query-status", Map::new()).unwrap_err();
+    let e = dispatch_oob(&oob, "query-status", Map::new(), &fds).unwrap_err();
     assert_eq!(
         (e.class, e.desc.as_str()),
         (
@@ -329,7 +334,7 @@ fn oob_commands_run_in_band_and_out_of_band() {
             "The command query-status does not support OOB"
         )
     );
-    let e = dispatch_oob(&oob, "nope", Map::new()).unwrap_err();
+    let e = dispatch_oob(&oob, "nope", Map::new(), &fds).unwrap_err();
     assert_eq!(
         (e.class, e.desc.as_str()),
         (
@@ -345,7 +350,7 @@ fn oob_commands_run_in_band_and_out_of_band() {
     assert!(!set.lookup("qmp_capabilities").unwrap().allow_oob);
     assert!(set.lookup("query-qmp-schema").is_some());
     assert!(set.lookup("no-such-cmd").is_none());
-    set.run_oob("migrate-recover", args(json!({"uri": "u"})))
+    set.run_oob("migrate-recover", args(json!({"uri": "u"})), &fds)
         .unwrap();
     assert_eq!(*set.0.calls.lock().unwrap(), vec!["recover u".to_string()]);
 }

@@ -2,7 +2,7 @@
 
 use serde_json::{Map, Value};
 
-use crate::QmpError;
+use crate::{MonitorFds, QmpError};
 
 /// What a command returns: its `return` value or an error.
 pub type CommandResult = Result<Value, QmpError>;
@@ -12,7 +12,13 @@ pub trait CommandSet: Send + Sync + 'static {
     /// `None` when no such command exists.
     fn lookup(&self, name: &str) -> Option<CommandMeta>;
     /// Runs an allow-oob command on the monitor thread: no big lock, no guest RAM, no blocking call.
-    fn run_oob(&self, name: &str, arguments: Map<String, Value>) -> Result<Value, QmpError>;
+    /// `fds` are the named descriptors of the monitor the command came from.
+    fn run_oob(
+        &self,
+        name: &str,
+        arguments: Map<String, Value>,
+        fds: &MonitorFds,
+    ) -> Result<Value, QmpError>;
 }
 
 /// Static properties of one command.

@@ -19,4 +19,4 @@ pub mod session;
 pub use command::{CommandMeta, CommandResult, CommandSet};
 pub use error::{ErrorClass, QmpError};
 pub use message::VersionInfo;
-pub use server::{CommandFds, ListenAddr, QmpServer, ServerConfig, ServerError};
+pub use server::{CommandFds, ListenAddr, MonitorFds, QmpServer, ServerConfig, ServerError};

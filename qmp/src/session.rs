@@ -170,7 +170,12 @@ mod tests {
                 _ => None,
             }
         }
-        fn run_oob(&self, _: &str, _: Map<String, Value>) -> Result<Value, QmpError> {
+        fn run_oob(
+            &self,
+            _: &str,
+            _: Map<String, Value>,
+            _: &crate::MonitorFds,
+        ) -> Result<Value, QmpError> {
             Ok(json!({}))
         }
     }

@@ -639,3 +639,41 @@ fn descriptors_no_command_takes_are_closed() {
     c.line();
     assert!(peer_closed(&w), "descriptor leaked");
 }
+
+#[test]
+fn out_of_band_commands_take_their_own_monitors_descriptors() {
+    // As QEMU's out-of-band migrate-recover with fd:NAME (monitor_cur()'s list).
+    let h = Harness::start(2);
+    let mut a = h.negotiated(0, true);
+    let mut b = h.negotiated(1, true);
+    let (r, w) = probe_pair();
+    let getfd = r#"{"execute":"getfd","arguments":{"fdname":"x"}}"#;
+    assert_eq!(send_fd(&mut a, getfd, &r), r#"{"return": {}}"#);
+    drop(r);
+    // Monitor 0's in-band command blocks; out-of-band ones are answered meanwhile.
+    a.send(r#"{"execute":"block","id":"blocked"}"#);
+    h.wait_block_started();
+    let take =
+        |id: &str| format!(r#"{{"exec-oob":"take-fd","arguments":{{"fdname":"x"}},"id":"{id}"}}"#);
+    b.send(&take("other"));
+    assert_eq!(
+        b.line(),
+        r#"{"id": "other", "error": {"class": "GenericError", "desc": "File descriptor named 'x' has not been found"}}"#
+    );
+    assert!(!peer_closed(&w), "another monitor's command took it");
+    a.send(&take("own"));
+    assert_eq!(a.line(), r#"{"return": {}, "id": "own"}"#);
+    assert!(
+        peer_closed(&w),
+        "the out-of-band command did not get the descriptor"
+    );
+    h.release.send(()).unwrap();
+    assert_eq!(a.msg()["id"], "blocked");
+    // Sent in-band, the same handler gets the same table.
+    let (r, w) = probe_pair();
+    assert_eq!(send_fd(&mut a, getfd, &r), r#"{"return": {}}"#);
+    drop(r);
+    a.send(r#"{"execute":"take-fd","arguments":{"fdname":"x"}}"#);
+    assert_eq!(a.line(), r#"{"return": {}}"#);
+    assert!(peer_closed(&w));
+}

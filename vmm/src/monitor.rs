@@ -16,12 +16,12 @@ use api::{
     ShutdownCause, StatusInfo, SysEmuTarget, UuidInfo, VersionInfo, VersionTriple,
 };
 use event_manager::{EventOps, Events, MutEventSubscriber};
-use qmp::{CommandFds, QmpError, QmpServer};
+use qmp::{CommandFds, MonitorFds, QmpError, QmpServer};
 use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::epoll::EventSet;
 
 use crate::machine::MachineGuard;
-use crate::migration::inherited;
+use crate::migration::fd_channel;
 use crate::migration::uri::MigrationUri;
 use crate::migration::{self, MigrationState, Role};
 use crate::runstate::RunState;
@@ -50,12 +50,12 @@ impl OobContext {
 }
 
 impl OobCommands for OobContext {
-    fn migrate_pause(&self) -> Result<(), QmpError> {
+    fn migrate_pause(&self, _fds: &MonitorFds) -> Result<(), QmpError> {
         self.migration.pause()
     }
 
-    fn migrate_recover(&self, uri: String) -> Result<(), QmpError> {
-        self.migration.recover(&uri)
+    fn migrate_recover(&self, fds: &MonitorFds, uri: String) -> Result<(), QmpError> {
+        self.migration.recover(&uri, fds)
     }
 }
 
@@ -76,23 +76,6 @@ impl<'a> InBandHandler<'a> {
             oob,
             fds,
         }
-    }
-
-    /// Gives an `fd:NAME` URI its descriptor (other URIs are left alone): the one the
-    /// issuing monitor keeps under NAME, which is taken from it, as QEMU does. For an
-    /// incoming migration a NAME starting with a digit is the number of a descriptor Skiff
-    /// inherited instead (QEMU's `monitor_fd_param`).
-    fn attach_fd(&self, uri: &MigrationUri, outgoing: bool) -> Result<(), QmpError> {
-        let Some(name) = uri.fd_name() else {
-            return Ok(());
-        };
-        let fd = if !outgoing && name.starts_with(|c: char| c.is_ascii_digit()) {
-            inherited::take(name).map_err(|e| QmpError::generic(e.to_string()))?
-        } else {
-            self.fds.take(name)?
-        };
-        uri.attach_fd(fd, outgoing)
-            .map_err(|e| QmpError::generic(e.to_string()))
     }
 
     fn check_cpu_index(&self, cpu_index: Option<i64>) -> Result<usize, QmpError> {
@@ -263,6 +246,10 @@ fn hmp_lines(text: &str) -> String {
 impl InBandCommands for InBandHandler<'_> {
     fn oob(&self) -> &dyn OobCommands {
         self.oob
+    }
+
+    fn monitor_fds(&self) -> &MonitorFds {
+        self.fds.monitor()
     }
 
     fn query_block(&mut self) -> Result<Vec<api::BlockInfo>, QmpError> {
@@ -492,7 +479,7 @@ impl InBandCommands for InBandHandler<'_> {
         let uri = MigrationUri::parse(&uri).map_err(|e| QmpError::generic(e.to_string()))?;
         if resume.unwrap_or(false) {
             self.vm.migration().check_resumable()?;
-            self.attach_fd(&uri, true)?;
+            fd_channel::attach(&uri, self.fds.monitor(), true)?;
             return self.vm.migration().request_resume(uri);
         }
         match self.machine.run_state {
@@ -510,7 +497,7 @@ impl InBandCommands for InBandHandler<'_> {
         }
         // The descriptor stays with the monitor if the migration cannot start at all.
         self.vm.migration().check_idle()?;
-        self.attach_fd(&uri, true)?;
+        fd_channel::attach(&uri, self.fds.monitor(), true)?;
         migration::source::start(self.vm.clone(), uri).map_err(QmpError::generic)
     }
 
@@ -531,7 +518,7 @@ impl InBandCommands for InBandHandler<'_> {
             ));
         }
         let uri = MigrationUri::parse(&uri).map_err(|e| QmpError::generic(e.to_string()))?;
-        self.attach_fd(&uri, false)?;
+        fd_channel::attach(&uri, self.fds.monitor(), false)?;
         let listener = uri.listen().map_err(|e| QmpError::generic(e.to_string()))?;
         migration::dest::start(self.vm.clone(), listener, exit_on_error.unwrap_or(true))
             .map_err(QmpError::generic)
@@ -550,7 +537,7 @@ impl InBandCommands for InBandHandler<'_> {
     }
 
     fn closefd(&mut self, fdname: String) -> Result<(), QmpError> {
-        self.fds.closefd(&fdname)
+        self.fds.monitor().closefd(&fdname)
     }
 
     fn quit(&mut self) -> Result<(), QmpError> {

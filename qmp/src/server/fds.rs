@@ -7,11 +7,43 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use crate::QmpError;
 
-/// The named descriptors of one monitor. As in QEMU they belong to the monitor, not to a
-/// client connection: they stay across reconnections and are closed with the server.
-#[derive(Debug, Default)]
-pub(crate) struct FdTable {
-    named: HashMap<String, OwnedFd>,
+/// The named descriptors of one monitor (`getfd`). As in QEMU they belong to the monitor, not
+/// to a client connection: they stay across reconnections and are closed with the server.
+/// Clones share the table. In-band commands reach it through [`CommandFds::monitor`],
+/// out-of-band ones are given it directly: using it only locks a small map for a moment, so
+/// out-of-band handlers may (QEMU's `monitor_cur()` fd list, which its out-of-band
+/// `migrate-recover` uses too).
+#[derive(Debug, Clone, Default)]
+pub struct MonitorFds {
+    named: Arc<Mutex<HashMap<String, OwnedFd>>>,
+}
+
+impl MonitorFds {
+    fn named(&self) -> MutexGuard<'_, HashMap<String, OwnedFd>> {
+        self.named.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// `closefd`: closes the descriptor kept under `name`.
+    pub fn closefd(&self, name: &str) -> Result<(), QmpError> {
+        let fd = self.named().remove(name);
+        match fd {
+            Some(fd) => {
+                drop(fd);
+                Ok(())
+            }
+            None => Err(QmpError::generic(format!(
+                "File descriptor named '{name}' not found"
+            ))),
+        }
+    }
+
+    /// Takes the descriptor kept under `name` out of the monitor (as QEMU's migration does
+    /// with `fd:NAME`): the caller owns it from now on.
+    pub fn take(&self, name: &str) -> Result<OwnedFd, QmpError> {
+        self.named().remove(name).ok_or_else(|| {
+            QmpError::generic(format!("File descriptor named '{name}' has not been found"))
+        })
+    }
 }
 
 /// What an in-band command may use of descriptor passing: the descriptors that came with it
@@ -20,16 +52,17 @@ pub(crate) struct FdTable {
 #[derive(Debug)]
 pub struct CommandFds {
     received: Vec<OwnedFd>,
-    table: Arc<Mutex<FdTable>>,
+    monitor: MonitorFds,
 }
 
 impl CommandFds {
-    pub(crate) fn new(received: Vec<OwnedFd>, table: Arc<Mutex<FdTable>>) -> Self {
-        CommandFds { received, table }
+    pub(crate) fn new(received: Vec<OwnedFd>, monitor: MonitorFds) -> Self {
+        CommandFds { received, monitor }
     }
 
-    fn table(&self) -> MutexGuard<'_, FdTable> {
-        self.table.lock().unwrap_or_else(|e| e.into_inner())
+    /// The issuing monitor's named descriptors.
+    pub fn monitor(&self) -> &MonitorFds {
+        &self.monitor
     }
 
     /// `getfd`: keeps the first descriptor that came with the command under `name`. One
@@ -48,31 +81,9 @@ impl CommandFds {
                 "Parameter 'fdname' expects a name not starting with a digit",
             ));
         }
-        let old = self.table().named.insert(name.to_string(), fd);
+        let old = self.monitor.named().insert(name.to_string(), fd);
         drop(old);
         Ok(())
-    }
-
-    /// `closefd`: closes the descriptor kept under `name`.
-    pub fn closefd(&self, name: &str) -> Result<(), QmpError> {
-        let fd = self.table().named.remove(name);
-        match fd {
-            Some(fd) => {
-                drop(fd);
-                Ok(())
-            }
-            None => Err(QmpError::generic(format!(
-                "File descriptor named '{name}' not found"
-            ))),
-        }
-    }
-
-    /// Takes the descriptor kept under `name` out of the monitor (as QEMU's migration does
-    /// with `fd:NAME`): the caller owns it from now on.
-    pub fn take(&self, name: &str) -> Result<OwnedFd, QmpError> {
-        self.table().named.remove(name).ok_or_else(|| {
-            QmpError::generic(format!("File descriptor named '{name}' has not been found"))
-        })
     }
 }
 
@@ -96,13 +107,9 @@ mod tests {
         matches!(kept.write_all(b"x"), Err(e) if e.kind() == ErrorKind::BrokenPipe)
     }
 
-    fn table() -> Arc<Mutex<FdTable>> {
-        Arc::new(Mutex::new(FdTable::default()))
-    }
-
     #[test]
     fn getfd_keeps_replaces_and_closefd_closes() {
-        let table = table();
+        let table = MonitorFds::default();
         let (r1, w1) = pipe();
         let (r2, w2) = pipe();
         CommandFds::new(vec![r1], table.clone()).getfd("a").unwrap();
@@ -111,18 +118,17 @@ mod tests {
         CommandFds::new(vec![r2], table.clone()).getfd("a").unwrap();
         assert!(reader_gone(&w1));
         assert!(!reader_gone(&w2));
-        let cmd = CommandFds::new(Vec::new(), table);
-        cmd.closefd("a").unwrap();
+        table.closefd("a").unwrap();
         assert!(reader_gone(&w2));
         assert_eq!(
-            cmd.closefd("a").unwrap_err().desc,
+            table.closefd("a").unwrap_err().desc,
             "File descriptor named 'a' not found"
         );
     }
 
     #[test]
     fn getfd_errors_are_qemus_and_close_what_came() {
-        let table = table();
+        let table = MonitorFds::default();
         assert_eq!(
             CommandFds::new(Vec::new(), table.clone())
                 .getfd("a")
@@ -141,26 +147,27 @@ mod tests {
         assert!(!reader_gone(&w2));
         drop(cmd);
         assert!(reader_gone(&w2), "a descriptor no command took is closed");
-        assert!(table.lock().unwrap().named.is_empty());
+        assert!(table.named().is_empty());
     }
 
     #[test]
     fn take_hands_the_descriptor_over_once() {
-        let table = table();
+        let table = MonitorFds::default();
         let (r, mut w) = pipe();
         CommandFds::new(vec![r], table.clone()).getfd("").unwrap();
-        let cmd = CommandFds::new(Vec::new(), table);
-        let mut taken = UnixStream::from(cmd.take("").unwrap());
+        // A clone is the same table (as an out-of-band handler gets it).
+        let monitor = table.clone();
+        let mut taken = UnixStream::from(monitor.take("").unwrap());
         w.write_all(b"y").unwrap();
         let mut byte = [0u8];
         taken.read_exact(&mut byte).unwrap();
         assert_eq!(&byte, b"y");
         assert_eq!(
-            cmd.take("").unwrap_err().desc,
+            table.take("").unwrap_err().desc,
             "File descriptor named '' has not been found"
         );
         assert_eq!(
-            cmd.closefd("").unwrap_err().desc,
+            monitor.closefd("").unwrap_err().desc,
             "File descriptor named '' not found"
         );
     }

@@ -381,7 +381,8 @@ impl IoThread {
 }
 
 /// Deals with one parsed message of monitor `i`, and the descriptors that came with it: an
-/// in-band command gets them; otherwise they are closed here.
+/// in-band command gets them; otherwise they are closed here. An out-of-band command gets
+/// the monitor's named descriptors.
 fn handle(shared: &Shared, i: usize, msg: Message, fds: Vec<OwnedFd>) {
     let monitor = &shared.monitors[i];
     let (mut session, connection) = {
@@ -424,7 +425,7 @@ fn handle(shared: &Shared, i: usize, msg: Message, fds: Vec<OwnedFd>) {
             id,
         } => {
             drop(st);
-            let result = shared.commands.run_oob(&name, arguments);
+            let result = shared.commands.run_oob(&name, arguments, &monitor.fds);
             let line = to_line(&message::reply(result, id));
             let mut st = monitor.lock();
             if st.connection == connection {

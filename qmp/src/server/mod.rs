@@ -25,7 +25,7 @@ use vmm_sys_util::epoll::Epoll;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 pub use addr::{AddrError, ListenAddr};
-pub use fds::CommandFds;
+pub use fds::{CommandFds, MonitorFds};
 pub use monitor::QUEUE_MAX;
 
 use crate::command::{CommandResult, CommandSet};

@@ -3,11 +3,11 @@
 
 use std::collections::VecDeque;
 use std::os::fd::OwnedFd;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Mutex, MutexGuard};
 
 use serde_json::{Map, Value};
 
-use super::fds::FdTable;
+use super::fds::MonitorFds;
 use crate::session::{Mode, Session};
 
 /// Most in-band requests waiting per monitor once OOB is enabled (QEMU's
@@ -100,7 +100,7 @@ pub(crate) struct Monitor {
     pub(crate) label: String,
     state: Mutex<MonitorState>,
     /// Descriptors kept by `getfd`; they outlive connections, as in QEMU.
-    pub(crate) fds: Arc<Mutex<FdTable>>,
+    pub(crate) fds: MonitorFds,
 }
 
 impl Monitor {
@@ -108,7 +108,7 @@ impl Monitor {
         Monitor {
             label,
             state: Mutex::new(MonitorState::new()),
-            fds: Arc::new(Mutex::new(FdTable::default())),
+            fds: MonitorFds::default(),
         }
     }
 

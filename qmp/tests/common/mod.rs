@@ -13,7 +13,8 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use qmp::{
-    CommandFds, CommandMeta, CommandSet, ErrorClass, QmpError, QmpServer, ServerConfig, VersionInfo,
+    CommandFds, CommandMeta, CommandSet, ErrorClass, MonitorFds, QmpError, QmpServer, ServerConfig,
+    VersionInfo,
 };
 
 #[path = "../../../tests/common/fd_passing.rs"]
@@ -28,13 +29,30 @@ impl CommandSet for FakeCommands {
         match name {
             "query-version" | "query-name" | "query-status" | "block" | "echo" | "fail"
             | "getfd" | "closefd" => Some(CommandMeta { allow_oob: false }),
-            "migrate-pause" => Some(CommandMeta { allow_oob: true }),
+            "migrate-pause" | "take-fd" => Some(CommandMeta { allow_oob: true }),
             _ => None,
         }
     }
 
-    fn run_oob(&self, name: &str, arguments: Map<String, Value>) -> Result<Value, QmpError> {
+    fn run_oob(
+        &self,
+        name: &str,
+        arguments: Map<String, Value>,
+        fds: &MonitorFds,
+    ) -> Result<Value, QmpError> {
         match name {
+            // Not QEMU's: an out-of-band command that takes a named descriptor, as
+            // migrate-recover with fd:NAME does.
+            "take-fd" => {
+                let fdname = arguments
+                    .get("fdname")
+                    .and_then(Value::as_str)
+                    .unwrap_or("");
+                fds.take(fdname).map(|fd| {
+                    drop(fd);
+                    json!({})
+                })
+            }
             "migrate-pause" => {
                 if let Some(key) = arguments.keys().next() {
                     return Err(QmpError::generic(format!(
@@ -124,11 +142,12 @@ impl Harness {
                             let result = if name == "getfd" {
                                 fds.getfd(fdname)
                             } else {
-                                fds.closefd(fdname)
+                                fds.monitor().closefd(fdname)
                             };
                             result.map(|()| json!({}))
                         }
                         "fail" => Err(QmpError::generic("it failed")),
+                        "take-fd" => FakeCommands.run_oob(name, args, fds.monitor()),
                         "migrate-pause" => Err(QmpError::generic(
                             "migrate-pause is currently only supported during postcopy-active state",
                         )),

@@ -8,7 +8,28 @@ use std::net::TcpStream;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 
-use super::uri::{Channel, UriError};
+use qmp::{MonitorFds, QmpError};
+
+use super::inherited;
+use super::uri::{Channel, MigrationUri, UriError};
+
+/// Gives an `fd:NAME` URI its descriptor (other URIs are left alone): the one the issuing
+/// monitor keeps under NAME, which is taken from it, as QEMU does. For an incoming migration
+/// (not `outgoing`) a NAME starting with a digit is the number of a descriptor Skiff
+/// inherited instead (QEMU's `monitor_fd_param`). Never blocks: it locks the monitor's small
+/// table and asks the kernel about the descriptor, so out-of-band `migrate-recover` uses it.
+pub fn attach(uri: &MigrationUri, monitor: &MonitorFds, outgoing: bool) -> Result<(), QmpError> {
+    let Some(name) = uri.fd_name() else {
+        return Ok(());
+    };
+    let fd = if !outgoing && name.starts_with(|c: char| c.is_ascii_digit()) {
+        inherited::take(name).map_err(|e| QmpError::generic(e.to_string()))?
+    } else {
+        monitor.take(name)?
+    };
+    uri.attach_fd(fd, outgoing)
+        .map_err(|e| QmpError::generic(e.to_string()))
+}
 
 /// An integer socket option (level SOL_SOCKET) of `fd`.
 pub(crate) fn socket_option(fd: &impl AsRawFd, option: libc::c_int) -> io::Result<libc::c_int> {

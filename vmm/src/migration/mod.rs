@@ -26,7 +26,7 @@ use api::{
     Event, MigrationCapability, MigrationCapabilityStatus, MigrationInfo, MigrationParameters,
     MigrationStats, MigrationStatus, SocketAddress,
 };
-use qmp::QmpError;
+use qmp::{MonitorFds, QmpError};
 
 use self::uri::{Channel, Listener, MigrationUri};
 
@@ -478,17 +478,24 @@ impl MigrationState {
         }
     }
 
-    /// `migrate-recover`: listens on `uri` for the source to resume a paused postcopy.
-    /// Binding a socket does not block.
-    pub fn recover(&self, uri: &str) -> Result<(), QmpError> {
+    /// `migrate-recover`: listens on `uri` for the source to resume a paused postcopy, or,
+    /// with `fd:NAME`, waits on the connected socket the issuing monitor keeps under NAME
+    /// (`fds`), which is used up as in QEMU. Binding a socket or taking a descriptor does not
+    /// block.
+    pub fn recover(&self, uri: &str, fds: &MonitorFds) -> Result<(), QmpError> {
         if self.status() != MigrationStatus::PostcopyPaused || self.role() != Role::Destination {
             return Err(QmpError::generic(RECOVER_WRONG_STATE));
         }
         let uri = MigrationUri::parse(uri).map_err(|e| QmpError::generic(e.to_string()))?;
+        fd_channel::attach(&uri, fds, false)?;
         if !uri.has_return_path() {
-            return Err(QmpError::generic(
-                "postcopy recovery needs a socket (unix: or tcp:)",
-            ));
+            // QEMU takes a file here and the recovery fails later; refuse it at once.
+            return Err(QmpError::generic(match uri.fd_name() {
+                Some(name) => format!(
+                    "file descriptor '{name}': postcopy recovery needs a connected stream socket"
+                ),
+                None => "postcopy recovery needs a socket (unix:, tcp: or fd:)".to_string(),
+            }));
         }
         let listener = uri.listen().map_err(|e| QmpError::generic(e.to_string()))?;
         let mut inner = self.inner();
@@ -648,12 +655,34 @@ mod tests {
         assert_eq!(state.status(), MigrationStatus::None);
         assert_eq!(state.pause().unwrap_err().desc, PAUSE_WRONG_STATE);
         assert_eq!(
-            state.recover("unix:/x").unwrap_err().desc,
+            state
+                .recover("unix:/x", &MonitorFds::default())
+                .unwrap_err()
+                .desc,
             RECOVER_WRONG_STATE
         );
         assert!(state.cancel().is_ok());
         assert!(state.start_postcopy().is_err());
         assert_eq!(state.info().status, None);
+    }
+
+    #[test]
+    fn recover_refuses_what_cannot_carry_a_recovery() {
+        let state = MigrationState::new();
+        state.begin(Role::Destination, 4096).unwrap();
+        state.set_status(MigrationStatus::PostcopyPaused);
+        let fds = MonitorFds::default();
+        for (uri, error) in [
+            ("fd:nope", "File descriptor named 'nope' has not been found"),
+            ("fd:9x", "Invalid file descriptor number '9x'"),
+            (
+                "file:/nonexistent",
+                "postcopy recovery needs a socket (unix:, tcp: or fd:)",
+            ),
+        ] {
+            assert_eq!(state.recover(uri, &fds).unwrap_err().desc, error, "{uri}");
+        }
+        assert!(!state.recover_listener_pending());
     }
 
     #[test]
