@@ -366,30 +366,62 @@ fn start_deferred_pair(name: &'static str, tag: &str) -> (TestTimer, TempDir, Vm
     (timer, dir, src, dest)
 }
 
-/// A source running the guest (at least 3 passes done) and a destination listening on a unix
-/// socket, with the events capability (and postcopy-ram when `postcopy`) on both sides;
-/// returns them and the migration URI.
+/// How a pair's migration channel is made.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Link {
+    /// The destination listens on a unix socket (`--incoming unix:`), the source connects.
+    Unix,
+    /// A socket pair, one end passed to each side (see [`pass_socketpair`]).
+    FdPair,
+}
+
+/// Gives each side one end of a new socket pair, kept as `name` (`getfd`); returns the
+/// migration URI `fd:NAME` that uses them.
+fn pass_socketpair(src: &mut Vmm, dest: &mut Vmm, name: &str) -> String {
+    let (a, b) = UnixStream::pair().expect("socket pair");
+    src.getfd(name, &a);
+    dest.getfd(name, &b);
+    format!("fd:{name}")
+}
+
+/// A source running the guest (at least 3 passes done) and a destination waiting for it over
+/// `link` (a unix socket it listens on, or a socket pair with `migrate-incoming fd:`), with
+/// the events capability (and postcopy-ram when `postcopy`) on both sides; returns them and
+/// the URI for the source's `migrate`.
 fn start_pair(
     dir: &TempDir,
     kernel: &Path,
     dest_extra: &[&str],
     postcopy: bool,
+    link: Link,
 ) -> (Vmm, Vmm, String) {
     let mut src = start_vmm(dir, "src", kernel, &vm_args(&[]));
-    let uri = format!("unix:{}", dir.join("mig.sock").display());
-    let mut dest_args = vec!["--incoming", uri.as_str()];
+    let listen = format!("unix:{}", dir.join("mig.sock").display());
+    let incoming = match link {
+        Link::Unix => listen.as_str(),
+        Link::FdPair => "defer",
+    };
+    let mut dest_args = vec!["--incoming", incoming];
     dest_args.extend_from_slice(dest_extra);
     let mut dest = start_vmm(dir, "dest", kernel, &vm_args(&dest_args));
     assert_eq!(dest.status(), "inmigrate");
     src.set_capabilities(postcopy);
     dest.set_capabilities(postcopy);
+    let uri = match link {
+        Link::Unix => listen,
+        Link::FdPair => {
+            let uri = pass_socketpair(&mut src, &mut dest, "mig");
+            dest.exec("migrate-incoming", json!({ "uri": uri }));
+            uri
+        }
+    };
     src.wait_guest_passes(dir, 3);
     (src, dest, uri)
 }
 
 /// A pair (see [`start_pair`]) in a slow precopy at 1 MiB/s, active for 200 ms.
 fn start_slow_precopy(dir: &TempDir, kernel: &Path) -> (Vmm, Vmm) {
-    let (mut src, dest, uri) = start_pair(dir, kernel, &[], false);
+    let (mut src, dest, uri) = start_pair(dir, kernel, &[], false, Link::Unix);
     src.set_parameters(json!({"max-bandwidth": 1u64 << 20}));
     src.exec("migrate", json!({ "uri": uri }));
     src.wait_migration_event("active");
@@ -401,10 +433,9 @@ fn start_slow_precopy(dir: &TempDir, kernel: &Path) -> (Vmm, Vmm) {
 /// postcopy that stays for minutes: starts a precopy that cannot converge, waits for its first
 /// complete pass, switches to postcopy at [`SLOW_POSTCOPY`] and waits for STOP on the source
 /// and (when `dest_runs`) RESUME on the destination, else for it to leave inmigrate.
-fn start_postcopy(dir: &TempDir, kernel: &Path, dest_runs: bool, extra: &[&str]) -> (Vmm, Vmm) {
-    let mut dest_extra: Vec<&str> = if dest_runs { vec![] } else { vec!["-S"] };
-    dest_extra.extend_from_slice(extra);
-    let (mut src, mut dest, uri) = start_pair(dir, kernel, &dest_extra, true);
+fn start_postcopy(dir: &TempDir, kernel: &Path, dest_runs: bool, link: Link) -> (Vmm, Vmm) {
+    let dest_extra: &[&str] = if dest_runs { &[] } else { &["-S"] };
+    let (mut src, mut dest, uri) = start_pair(dir, kernel, dest_extra, true, link);
     src.set_parameters(json!({"max-bandwidth": SLOW_PRECOPY, "downtime-limit": 1,
                               "max-postcopy-bandwidth": SLOW_POSTCOPY}));
     src.exec("migrate", json!({ "uri": uri }));
@@ -439,6 +470,7 @@ fn start_postcopy_test(
     name: &'static str,
     tag: &str,
     dest_runs: bool,
+    link: Link,
 ) -> Option<(TestTimer, TempDir, Vmm, Vmm)> {
     let supported = if dest_runs {
         postcopy_vcpu_faults_supported(name)
@@ -449,7 +481,7 @@ fn start_postcopy_test(
         return None;
     }
     let (timer, dir, kernel) = start_test(name, tag);
-    let (src, dest) = start_postcopy(&dir, &kernel, dest_runs, &[]);
+    let (src, dest) = start_postcopy(&dir, &kernel, dest_runs, link);
     Some((timer, dir, src, dest))
 }
 
@@ -667,13 +699,10 @@ fn file_save_and_restore() {
 fn precopy_over_fd_socketpair() {
     let (_t, dir, mut src, mut dest) =
         start_deferred_pair("precopy_over_fd_socketpair", "mig-fd-pair");
-    let (a, b) = UnixStream::pair().expect("socket pair");
-    src.getfd("mig", &a);
-    dest.getfd("mig", &b);
-    drop((a, b));
-    dest.exec("migrate-incoming", json!({"uri": "fd:mig"}));
+    let uri = pass_socketpair(&mut src, &mut dest, "mig");
+    dest.exec("migrate-incoming", json!({ "uri": uri }));
     src.wait_guest_passes(&dir, 3);
-    src.exec("migrate", json!({"uri": "fd:mig"}));
+    src.exec("migrate", json!({ "uri": uri }));
     wait_source_completed(&mut src);
     check_incoming_completes(&mut dest, &dir);
     for vmm in [&mut src, &mut dest] {
@@ -785,6 +814,7 @@ fn postcopy_with_paused_destination() {
         "postcopy_with_paused_destination",
         "mig-postcopy-paused",
         false,
+        Link::Unix,
     ) else {
         return;
     };
@@ -817,7 +847,8 @@ fn migration_into_preallocated_destination() {
         return;
     }
     let (_t, dir, kernel) = start_test(NAME, "mig-prealloc");
-    let (mut src, mut dest, uri) = start_pair(&dir, &kernel, &["--mem-prealloc"], false);
+    let (mut src, mut dest, uri) =
+        start_pair(&dir, &kernel, &["--mem-prealloc"], false, Link::Unix);
     src.exec("migrate", json!({ "uri": uri }));
     wait_source_completed(&mut src);
     check_incoming_completes(&mut dest, &dir);
@@ -825,7 +856,8 @@ fn migration_into_preallocated_destination() {
     // Postcopy at once, before precopy (at 64 KiB/s) reaches the guest's range: those pages
     // were never sent, and must fault on the destination rather than read preallocated zeroes.
     let dir = TempDir::new("mig-prealloc-postcopy");
-    let (mut src, mut dest, uri) = start_pair(&dir, &kernel, &["-S", "--mem-prealloc"], true);
+    let (mut src, mut dest, uri) =
+        start_pair(&dir, &kernel, &["-S", "--mem-prealloc"], true, Link::Unix);
     src.set_parameters(json!({"max-bandwidth": 64 << 10, "downtime-limit": 1,
                               "max-postcopy-bandwidth": SLOW_POSTCOPY}));
     src.exec("migrate", json!({ "uri": uri }));
@@ -847,6 +879,7 @@ fn postcopy_with_running_destination() {
         "postcopy_with_running_destination",
         "mig-postcopy-running",
         true,
+        Link::Unix,
     ) else {
         return;
     };
@@ -872,11 +905,13 @@ fn postcopy_with_running_destination() {
     check_incoming_completes(&mut dest, &dir);
 }
 
-/// Breaks a postcopy migration `breaks` times with `migrate-pause` on the source and
-/// recovers it each time; nothing may be lost. Skipped where the host cannot run it (see
+/// Breaks a postcopy migration over `link` `breaks` times with `migrate-pause` on the source
+/// and recovers it each time over a new channel of the same kind (a unix socket, or a socket
+/// pair passed to both sides); nothing may be lost. Skipped where the host cannot run it (see
 /// [`start_postcopy_test`]).
-fn postcopy_recovery(test: &'static str, breaks: usize, dest_runs: bool) {
-    let Some((_t, dir, mut src, mut dest)) = start_postcopy_test(test, test, dest_runs) else {
+fn postcopy_recovery(test: &'static str, breaks: usize, dest_runs: bool, link: Link) {
+    let Some((_t, dir, mut src, mut dest)) = start_postcopy_test(test, test, dest_runs, link)
+    else {
         return;
     };
     for round in 0..breaks {
@@ -890,10 +925,16 @@ fn postcopy_recovery(test: &'static str, breaks: usize, dest_runs: bool) {
         assert!(e.contains("Postcopy"), "{e}");
         src.oob_refused("migrate-pause", Value::Null);
 
-        let recover = format!(
-            "unix:{}",
-            dir.join(&format!("recover-{round}.sock")).display()
-        );
+        let recover = match link {
+            Link::Unix => format!(
+                "unix:{}",
+                dir.join(&format!("recover-{round}.sock")).display()
+            ),
+            Link::FdPair => {
+                check_fd_recover_refusals(&mut dest, &dir);
+                pass_socketpair(&mut src, &mut dest, &format!("recover-{round}"))
+            }
+        };
         let took = dest.recover(&recover);
         eprintln!("round {round}: migrate-recover answered in {took:?}");
         src.resume(&recover);
@@ -914,17 +955,69 @@ fn postcopy_recovery(test: &'static str, breaks: usize, dest_runs: bool) {
     }
 }
 
+/// A paused postcopy destination refuses `migrate-recover fd:NAME` (out of band and in band)
+/// for a name its monitor does not keep, and for a descriptor that is not a connected stream
+/// socket, which is used up; it stays paused.
+fn check_fd_recover_refusals(dest: &mut Vmm, dir: &TempDir) {
+    let missing = "File descriptor named 'nope' has not been found";
+    let (reply, _) = dest.exec_oob("migrate-recover", json!({"uri": "fd:nope"}));
+    assert_eq!(reply["error"]["desc"], missing, "{reply}");
+    let e = dest.exec_err("migrate-recover", json!({"uri": "fd:nope"}));
+    assert_eq!(e, missing);
+    let file = File::open(dir.join("guest.elf")).expect("guest file");
+    let listener = std::os::unix::net::UnixListener::bind(dir.join("l.sock")).expect("bind");
+    for (name, fd, reason) in [
+        (
+            "file",
+            file.as_raw_fd(),
+            "postcopy recovery needs a connected stream socket",
+        ),
+        (
+            "listening",
+            listener.as_raw_fd(),
+            "a socket that is not connected",
+        ),
+    ] {
+        dest.getfd(name, &fd);
+        let (reply, took) = dest.exec_oob("migrate-recover", json!({"uri": format!("fd:{name}")}));
+        assert_prompt("a refused migrate-recover", took);
+        assert_eq!(
+            reply["error"]["desc"],
+            format!("file descriptor '{name}': {reason}"),
+            "{reply}"
+        );
+        let e = dest.exec_err("closefd", json!({ "fdname": name }));
+        assert_eq!(e, format!("File descriptor named '{name}' not found"));
+    }
+    assert_eq!(dest.migration_status()["status"], "postcopy-paused");
+}
+
 /// One `migrate-pause` and recovery, destination vCPUs running (probe-guarded).
 #[test]
 fn postcopy_recovery_once() {
-    postcopy_recovery("postcopy_recovery_once", 1, true);
+    postcopy_recovery("postcopy_recovery_once", 1, true, Link::Unix);
 }
 
 /// Two successive breaks and recoveries, destination started with -S; its final RAM must
 /// equal the source's.
 #[test]
 fn postcopy_recovery_twice() {
-    postcopy_recovery("postcopy_recovery_twice", 2, false);
+    postcopy_recovery("postcopy_recovery_twice", 2, false, Link::Unix);
+}
+
+/// Postcopy over a socket pair passed to both sides (`getfd`, `migrate-incoming fd:` and
+/// `migrate fd:`), broken by `migrate-pause` and recovered over a second pair: `getfd` and
+/// out-of-band `migrate-recover fd:NAME` on the destination, `getfd` and `migrate fd:NAME`
+/// with `resume` on the source, as libvirt drives QEMU. Destination started with -S; its
+/// final RAM must equal the source's.
+#[test]
+fn postcopy_recovery_over_fd_socketpairs() {
+    postcopy_recovery(
+        "postcopy_recovery_over_fd_socketpairs",
+        1,
+        false,
+        Link::FdPair,
+    );
 }
 
 /// Recovery survives failed attempts (QEMU's double-failure tests): a resume towards nobody,
@@ -936,6 +1029,7 @@ fn postcopy_recovery_after_failed_attempts() {
         "postcopy_recovery_after_failed_attempts",
         "mig-recovery-failures",
         false,
+        Link::Unix,
     ) else {
         return;
     };
@@ -1000,6 +1094,7 @@ fn oob_migrate_recover_while_main_loop_blocked() {
         "oob_migrate_recover_while_main_loop_blocked",
         "mig-oob",
         false,
+        Link::Unix,
     ) else {
         return;
     };
@@ -1103,6 +1198,7 @@ fn killed_destination_pauses_postcopy() {
         "killed_destination_pauses_postcopy",
         "mig-kill-postcopy",
         false,
+        Link::Unix,
     ) else {
         return;
     };
@@ -1129,6 +1225,7 @@ fn killed_source_pauses_postcopy_destination() {
         "killed_source_pauses_postcopy_destination",
         "mig-kill-source",
         false,
+        Link::Unix,
     ) else {
         return;
     };
