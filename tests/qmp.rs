@@ -1828,6 +1828,37 @@ fn python_qemu_qmp_client() {
     assert!(!sockets[0].exists());
 }
 
+/// Python's `qemu.qmp` passing descriptors (tests/python/qemu_qmp_fds.py): the legacy
+/// wrapper's and QMPClient's `send_fd_scm`, then getfd, closefd and their errors, an
+/// out-of-band migrate-recover refused without using the descriptor up, and a migration into
+/// a file Python opened (`migrate fd:NAME`), which must hold a skiff stream. The script passes
+/// against QEMU 7.2 `-M none` too (with QEMU's stream magic).
+#[test]
+fn python_qemu_qmp_passes_descriptors() {
+    let _t = TestTimer::start("python_qemu_qmp_passes_descriptors");
+    let Some(python) = venv_bin("python") else {
+        common::skipped(format_args!("SKIPPED: python_qemu_qmp_passes_descriptors: no venv at resources/build/venv (run resources/install-deps.sh)"));
+        return;
+    };
+    let vm = Vm::idle("py-fds", &[]);
+    vm.wait_ready(1);
+    let mut cmd = Command::new(python);
+    cmd.arg(repo_root().join("tests/python/qemu_qmp_fds.py"))
+        .arg(&vm.sockets[0])
+        .arg("SKIFFMIG")
+        .arg(vm.dir.path())
+        .env("PYTHONDONTWRITEBYTECODE", "1");
+    let run = run_tool(cmd, b"", SCRIPT_TIMEOUT);
+    if run.status.map(|s| s.success()) != Some(true)
+        || !run.stdout.contains("qemu.qmp descriptors: OK")
+    {
+        vm.fail(format!("the qemu.qmp script failed\n{}", run.dump()));
+    }
+    print!("{}", run.stdout);
+    let (done, _, _dir) = vm.finish();
+    done.assert_exit(0);
+}
+
 /// `qmp-shell` (QMP and HMP modes) reading commands from stdin.
 #[test]
 fn python_qmp_shell() {
