@@ -1803,29 +1803,45 @@ fn client_disconnect_mid_command() {
 // Third-party clients, unmodified.
 // ---------------------------------------------------------------------------------------------
 
-/// Python's `qemu.qmp`: QMPClient (negotiates OOB, execute, exec-oob, events, quit) and the
-/// legacy synchronous wrapper, from tests/python/qemu_qmp_client.py.
-#[test]
-fn python_qemu_qmp_client() {
-    let _t = TestTimer::start("python_qemu_qmp_client");
+/// Runs tests/python/`script` with the venv's Python against the monitor of a new idle VM
+/// (the socket, then `args`); the script must print `ok` and quit the VM, which must exit
+/// with status 0 and remove its socket. Skipped without the venv.
+fn run_qemu_qmp_script(test: &'static str, tag: &str, script: &str, args: &[&str], ok: &str) {
+    let _t = TestTimer::start(test);
     let Some(python) = venv_bin("python") else {
-        common::skipped(format_args!("SKIPPED: python_qemu_qmp_client: no venv at resources/build/venv (run resources/install-deps.sh)"));
+        common::skipped(format_args!(
+            "SKIPPED: {test}: no venv at resources/build/venv (run resources/install-deps.sh)"
+        ));
         return;
     };
-    let vm = Vm::idle("py-qmp", &[]);
+    let vm = Vm::idle(tag, &[]);
     vm.wait_ready(1);
     let mut cmd = Command::new(python);
-    cmd.arg(repo_root().join("tests/python/qemu_qmp_client.py"))
+    cmd.arg(repo_root().join("tests/python").join(script))
         .arg(&vm.sockets[0])
+        .args(args)
         .env("PYTHONDONTWRITEBYTECODE", "1");
     let run = run_tool(cmd, b"", SCRIPT_TIMEOUT);
-    if run.status.map(|s| s.success()) != Some(true) || !run.stdout.contains("qemu.qmp: OK") {
+    if run.status.map(|s| s.success()) != Some(true) || !run.stdout.contains(ok) {
         vm.fail(format!("the qemu.qmp script failed\n{}", run.dump()));
     }
     print!("{}", run.stdout);
     let (done, sockets, _dir) = vm.finish();
     done.assert_exit(0);
     assert!(!sockets[0].exists());
+}
+
+/// Python's `qemu.qmp`: QMPClient (negotiates OOB, execute, exec-oob, events, quit) and the
+/// legacy synchronous wrapper, from tests/python/qemu_qmp_client.py.
+#[test]
+fn python_qemu_qmp_client() {
+    run_qemu_qmp_script(
+        "python_qemu_qmp_client",
+        "py-qmp",
+        "qemu_qmp_client.py",
+        &[],
+        "qemu.qmp: OK",
+    );
 }
 
 /// Python's `qemu.qmp` passing descriptors (tests/python/qemu_qmp_fds.py): the legacy
@@ -1835,28 +1851,13 @@ fn python_qemu_qmp_client() {
 /// against QEMU 7.2 `-M none` too (with QEMU's stream magic).
 #[test]
 fn python_qemu_qmp_passes_descriptors() {
-    let _t = TestTimer::start("python_qemu_qmp_passes_descriptors");
-    let Some(python) = venv_bin("python") else {
-        common::skipped(format_args!("SKIPPED: python_qemu_qmp_passes_descriptors: no venv at resources/build/venv (run resources/install-deps.sh)"));
-        return;
-    };
-    let vm = Vm::idle("py-fds", &[]);
-    vm.wait_ready(1);
-    let mut cmd = Command::new(python);
-    cmd.arg(repo_root().join("tests/python/qemu_qmp_fds.py"))
-        .arg(&vm.sockets[0])
-        .arg("SKIFFMIG")
-        .arg(vm.dir.path())
-        .env("PYTHONDONTWRITEBYTECODE", "1");
-    let run = run_tool(cmd, b"", SCRIPT_TIMEOUT);
-    if run.status.map(|s| s.success()) != Some(true)
-        || !run.stdout.contains("qemu.qmp descriptors: OK")
-    {
-        vm.fail(format!("the qemu.qmp script failed\n{}", run.dump()));
-    }
-    print!("{}", run.stdout);
-    let (done, _, _dir) = vm.finish();
-    done.assert_exit(0);
+    run_qemu_qmp_script(
+        "python_qemu_qmp_passes_descriptors",
+        "py-fds",
+        "qemu_qmp_fds.py",
+        &["SKIFFMIG"],
+        "qemu.qmp descriptors: OK",
+    );
 }
 
 /// `qmp-shell` (QMP and HMP modes) reading commands from stdin.

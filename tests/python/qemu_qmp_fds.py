@@ -1,18 +1,17 @@
 #!/usr/bin/env python3
 """Passes descriptors to a QMP monitor with the unmodified `qemu.qmp` client library (PyPI).
 
-Usage: qemu_qmp_fds.py SOCKET MAGIC DIR
+Usage: qemu_qmp_fds.py SOCKET MAGIC
 
 Run by tests/qmp.rs (test `python_qemu_qmp_passes_descriptors`) against a skiff whose guest
 is running; the same script runs against QEMU (`-M none`, MAGIC `QEVM`), which is how the
-texts it checks were taken. Phase 1 uses the legacy synchronous wrapper
-(`QEMUMonitorProtocol.send_fd_scm`, which sends the descriptor on a lone space before the
-command): getfd names a socket, closefd closes it, and the errors for a missing descriptor
-or name. A file Python opened is then passed and the VM migrated into it with `fd:NAME`; the
-file must start with MAGIC (the stream's header, docs/migration-stream.md for skiff).
-Phase 2 does the same naming with the asyncio `QMPClient.send_fd_scm`, checks that an
-out-of-band migrate-recover with `fd:NAME` outside postcopy leaves the descriptor alone, and
-quits.
+texts it checks were taken. Phase 1 uses the asyncio `QMPClient.send_fd_scm` (which sends
+the descriptor on a lone space before the command): getfd names a socket, closefd closes it,
+the errors for a missing descriptor or name, and an out-of-band migrate-recover with
+`fd:NAME` outside postcopy leaves the descriptor alone. Phase 2 does the same naming with the
+legacy synchronous wrapper (`QEMUMonitorProtocol.send_fd_scm`), then passes a file Python
+opened (beside SOCKET) and migrates the VM into it with `fd:NAME`; the file must start with
+MAGIC (the stream's header, docs/migration-stream.md for skiff). Then it quits the VM.
 
 Prints `qemu.qmp descriptors: OK` at the end; any failure raises (non-zero exit status).
 """
@@ -58,7 +57,7 @@ def pass_socket(send_fd_scm):
     return kept
 
 
-def legacy_phase(path, magic, directory):
+def legacy_phase(path, magic):
     qmp = QEMUMonitorProtocol(path)
     qmp.connect(negotiate=True)
     qmp.settimeout(TIMEOUT)
@@ -81,7 +80,7 @@ def legacy_phase(path, magic, directory):
     check(desc == "File descriptor named 'nope' has not been found", f"migrate: {desc}")
 
     # A file opened here: the VM's migration stream goes into it.
-    snapshot = os.path.join(directory, "py-snapshot.bin")
+    snapshot = os.path.join(os.path.dirname(path), "py-snapshot.bin")
     with open(snapshot, "wb") as out:
         qmp.send_fd_scm(out.fileno())
     check(qmp.cmd("getfd", fdname="snap") == {}, "getfd of the file")
@@ -99,7 +98,11 @@ def legacy_phase(path, magic, directory):
     with open(snapshot, "rb") as stream:
         head = stream.read(len(magic))
     check(head == magic, f"the file starts with {head!r}, not {magic!r}")
-    qmp.close()
+    check(qmp.cmd("quit") == {}, "quit")
+    try:
+        qmp.close()
+    except EOFError:
+        pass  # the VM hung up first, as it does after quit
     print("legacy QEMUMonitorProtocol.send_fd_scm: OK")
 
 
@@ -131,18 +134,14 @@ async def async_phase(path):
     desc = await refused("closefd", {"fdname": "a"})
     check(desc == "File descriptor named 'a' not found", f"closefd twice: {desc}")
 
-    await execute("quit")
-    try:
-        await asyncio.wait_for(client.disconnect(), TIMEOUT)
-    except EOFError:
-        pass  # the server closed first, as it should after quit
+    await asyncio.wait_for(client.disconnect(), TIMEOUT)
     print("QMPClient.send_fd_scm: OK")
 
 
 def main():
-    path, magic, directory = sys.argv[1], sys.argv[2].encode(), sys.argv[3]
-    legacy_phase(path, magic, directory)
+    path, magic = sys.argv[1], sys.argv[2].encode()
     asyncio.run(async_phase(path))
+    legacy_phase(path, magic)
     print("qemu.qmp descriptors: OK")
 
 
