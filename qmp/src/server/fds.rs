@@ -25,16 +25,11 @@ impl MonitorFds {
 
     /// `closefd`: closes the descriptor kept under `name`.
     pub fn closefd(&self, name: &str) -> Result<(), QmpError> {
-        let fd = self.named().remove(name);
-        match fd {
-            Some(fd) => {
-                drop(fd);
-                Ok(())
-            }
-            None => Err(QmpError::generic(format!(
-                "File descriptor named '{name}' not found"
-            ))),
-        }
+        // The descriptor, taken out of the table, is closed here.
+        self.named()
+            .remove(name)
+            .map(drop)
+            .ok_or_else(|| QmpError::generic(format!("File descriptor named '{name}' not found")))
     }
 
     /// Takes the descriptor kept under `name` out of the monitor (as QEMU's migration does

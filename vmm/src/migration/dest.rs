@@ -530,7 +530,7 @@ impl Dest {
         if body.kind == Kind::RamPages {
             return self.load_pages(input, body);
         }
-        if !matches!(body.kind, Kind::RamPages | Kind::RamZero | Kind::RamPlan) {
+        if !matches!(body.kind, Kind::RamZero | Kind::RamPlan) {
             // Precopy RAM is over: nothing may populate pages that are about to be
             // discarded or registered for postcopy.
             if let Some(mut populator) = self.populator.take() {

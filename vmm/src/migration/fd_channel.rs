@@ -87,13 +87,8 @@ impl Channel {
                 return Err(refuse("a socket that is not connected".into()));
             }
             return match socket_option(&fd, libc::SO_DOMAIN).map_err(os)? {
-                libc::AF_UNIX => Ok(Channel::Unix(UnixStream::from(fd)).tuned()),
-                libc::AF_INET | libc::AF_INET6 => {
-                    let stream = TcpStream::from(fd);
-                    // Page requests are small and urgent.
-                    let _ = stream.set_nodelay(true);
-                    Ok(Channel::Tcp(stream).tuned())
-                }
+                libc::AF_UNIX => Ok(Channel::unix(UnixStream::from(fd))),
+                libc::AF_INET | libc::AF_INET6 => Ok(Channel::tcp(TcpStream::from(fd))),
                 family => Err(refuse(format!("a socket of unsupported family {family}"))),
             };
         }

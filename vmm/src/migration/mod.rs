@@ -725,7 +725,7 @@ mod tests {
             |s: &std::os::unix::net::UnixStream| fd_channel::socket_option(s, libc::SO_SNDBUF);
         let (stream, _peer) = std::os::unix::net::UnixStream::pair().unwrap();
         // As connected or accepted: tuned for precopy's bulk transfer.
-        let channel = Channel::Unix(stream.try_clone().unwrap()).tuned();
+        let channel = Channel::unix(stream.try_clone().unwrap());
         let before = send_buffer(&stream).unwrap();
         let state = MigrationState::new();
         state.begin(Role::Destination, 4096).unwrap();

@@ -588,6 +588,20 @@ impl Source {
         self.section(conn, Kind::RamZero, &[&runs])
     }
 
+    /// Sorts out one reply: a page request is queued, an error or the connection's end
+    /// ends the migration (or pauses postcopy), anything else is for the caller.
+    fn route(&mut self, reply: Reply) -> Result<Option<Reply>, SourceError> {
+        match reply {
+            Reply::RequestPages(run) => {
+                self.requests.push_back(run);
+                Ok(None)
+            }
+            Reply::Error(e) => Err(SourceError::Destination(e)),
+            Reply::Closed(why) => Err(SourceError::Closed(why)),
+            other => Ok(Some(other)),
+        }
+    }
+
     /// Looks at return-path messages without waiting: an error from the destination ends
     /// the migration.
     fn check_replies(&mut self, conn: &mut Connection) -> Result<(), SourceError> {
@@ -595,11 +609,8 @@ impl Source {
             return Ok(());
         };
         while let Some(reply) = replies.next(Duration::ZERO) {
-            match reply {
-                Reply::Error(e) => return Err(SourceError::Destination(e)),
-                Reply::Closed(why) => return Err(SourceError::Closed(why)),
-                Reply::RequestPages(run) => self.requests.push_back(run),
-                other => log::debug!("migration: unexpected reply {other:?} in precopy"),
+            if let Some(other) = self.route(reply)? {
+                log::debug!("migration: unexpected reply {other:?} in precopy");
             }
         }
         Ok(())
@@ -615,12 +626,10 @@ impl Source {
             if self.state.cancel_requested() {
                 return Err(SourceError::Cancelled);
             }
-            match replies.next(Duration::from_millis(100)) {
-                Some(Reply::RequestPages(run)) => self.requests.push_back(run),
-                Some(Reply::Error(e)) => return Err(SourceError::Destination(e)),
-                Some(Reply::Closed(why)) => return Err(SourceError::Closed(why)),
-                Some(reply) => return Ok(reply),
-                None => {}
+            if let Some(reply) = replies.next(Duration::from_millis(100)) {
+                if let Some(other) = self.route(reply)? {
+                    return Ok(other);
+                }
             }
         }
     }
@@ -823,15 +832,11 @@ impl Source {
             let wait = until
                 .saturating_duration_since(Instant::now())
                 .min(POLL_INTERVAL);
-            match replies.next(wait) {
-                Some(Reply::RequestPages(run)) => {
-                    self.requests.push_back(run);
-                    self.serve_requests(conn)?;
+            if let Some(reply) = replies.next(wait) {
+                match self.route(reply)? {
+                    None => self.serve_requests(conn)?,
+                    Some(other) => log::debug!("migration: unexpected reply {other:?}"),
                 }
-                Some(Reply::Error(e)) => return Err(SourceError::Destination(e)),
-                Some(Reply::Closed(why)) => return Err(SourceError::Closed(why)),
-                Some(other) => log::debug!("migration: unexpected reply {other:?}"),
-                None => {}
             }
         }
         Ok(())

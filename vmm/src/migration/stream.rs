@@ -165,11 +165,7 @@ pub enum StreamError {
     },
 }
 
-/// Writes the stream header.
-pub fn write_header(out: &mut impl Write) -> io::Result<()> {
-    out.write_all(&stream_header())
-}
-
+/// The stream header: magic and version.
 fn stream_header() -> [u8; STREAM_HEADER_LEN] {
     let mut header = [0u8; STREAM_HEADER_LEN];
     header[..MAGIC.len()].copy_from_slice(&MAGIC);
@@ -632,8 +628,7 @@ mod tests {
     use super::*;
 
     fn stream(sections: &[(Kind, Vec<u8>)]) -> Vec<u8> {
-        let mut out = Vec::new();
-        write_header(&mut out).unwrap();
+        let mut out = stream_header().to_vec();
         for (kind, payload) in sections {
             write_section(&mut out, *kind, &[payload]).unwrap();
         }
@@ -706,8 +701,7 @@ mod tests {
 
     #[test]
     fn oversized_and_unknown_sections_are_refused_before_reading() {
-        let mut bytes = Vec::new();
-        write_header(&mut bytes).unwrap();
+        let mut bytes = stream_header().to_vec();
         bytes.extend_from_slice(&[Kind::RamPages as u8, 0, 0, 0]);
         bytes.extend_from_slice(&u32::MAX.to_le_bytes());
         assert!(matches!(read_all(&bytes), Err(StreamError::TooLong { .. })));

@@ -177,22 +177,22 @@ impl MigrationUri {
     /// Connects to the destination (source side). A file is created or truncated.
     pub fn connect(&self) -> Result<Channel, UriError> {
         match self {
-            MigrationUri::Unix(path) => UnixStream::connect(path)
-                .map(|s| Channel::Unix(s).tuned())
-                .map_err(|source| UriError::Io {
-                    what: "connect to",
-                    addr: path.display().to_string(),
-                    source,
-                }),
+            MigrationUri::Unix(path) => {
+                UnixStream::connect(path)
+                    .map(Channel::unix)
+                    .map_err(|source| UriError::Io {
+                        what: "connect to",
+                        addr: path.display().to_string(),
+                        source,
+                    })
+            }
             MigrationUri::Tcp(addr) => {
                 let stream = TcpStream::connect(addr).map_err(|source| UriError::Io {
                     what: "connect to",
                     addr: addr.clone(),
                     source,
                 })?;
-                // Page requests are small and urgent.
-                let _ = stream.set_nodelay(true);
-                Ok(Channel::Tcp(stream).tuned())
+                Ok(Channel::tcp(stream))
             }
             MigrationUri::File { path, offset } => {
                 let io_err = |source| UriError::Io {
@@ -313,12 +313,18 @@ fn set_buffers(fd: std::os::fd::RawFd, bytes: libc::c_int) {
 }
 
 impl Channel {
-    /// Tunes a freshly connected or accepted socket for bulk transfer.
-    pub(super) fn tuned(self) -> Channel {
-        if !matches!(self, Channel::File(_)) {
-            set_buffers(self.as_raw_fd(), SOCKET_BUFFER);
-        }
-        self
+    /// A channel over a connected unix socket, tuned for bulk transfer.
+    pub fn unix(stream: UnixStream) -> Channel {
+        set_buffers(stream.as_raw_fd(), SOCKET_BUFFER);
+        Channel::Unix(stream)
+    }
+
+    /// A channel over a connected TCP socket, tuned for bulk transfer and with Nagle's
+    /// algorithm off: page requests are small and urgent.
+    pub fn tcp(stream: TcpStream) -> Channel {
+        let _ = stream.set_nodelay(true);
+        set_buffers(stream.as_raw_fd(), SOCKET_BUFFER);
+        Channel::Tcp(stream)
     }
 
     /// Tunes a socket for postcopy, where the latency of a requested page matters more
@@ -445,12 +451,8 @@ impl Listener {
     /// Waits for the source.
     pub fn accept(&mut self) -> io::Result<Channel> {
         match self {
-            Listener::Unix(l, _, _) => l.accept().map(|(s, _)| Channel::Unix(s).tuned()),
-            Listener::Tcp(l) => {
-                let (s, _) = l.accept()?;
-                let _ = s.set_nodelay(true);
-                Ok(Channel::Tcp(s).tuned())
-            }
+            Listener::Unix(l, _, _) => l.accept().map(|(s, _)| Channel::unix(s)),
+            Listener::Tcp(l) => l.accept().map(|(s, _)| Channel::tcp(s)),
             Listener::Open(channel) => channel.take().ok_or_else(|| {
                 io::Error::new(io::ErrorKind::UnexpectedEof, "the channel was already used")
             }),
